@@ -1,0 +1,3 @@
+from punchgate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The ``punchgate`` command: parse the configuration, load the identity, run the node.
+
+Exit status: 0 after a clean shutdown, 1 when the node cannot start (identity file,
+taken port), 2 for a bad flag or variable (one line on stderr says which and how).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from punchgate.config import Config, UsageError, parse_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except UsageError as exc:
+        print(f"punchgate: error: {exc}", file=sys.stderr)
+        return 2
+    return run(config)
+
+
+def run(config: Config) -> int:
+    # libp2p is imported only now: it takes a second or two, and usage errors should not wait.
+    import trio
+
+    from punchgate import __version__
+    from punchgate.identity import IdentityError, load_or_create_identity
+    from punchgate.logs import configure_logging, get_logger
+    from punchgate.runtime.node import Node
+
+    configure_logging(config.log_format, config.log_level)
+    log = get_logger("punchgate")
+    try:
+        key_pair, created = load_or_create_identity(config.identity)
+    except IdentityError as exc:
+        log.error("identity error", reason=str(exc))
+        return 1
+    node = Node(config, key_pair)
+    log.info(
+        "punchgate starting",
+        version=__version__,
+        peer_id=str(node.peer_id),
+        identity=str(config.identity),
+        identity_created=created,
+    )
+    try:
+        trio.run(node.run)
+    except OSError as exc:
+        log.error("cannot start", reason=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""The node's configuration, built from command-line flags and ``PUNCHGATE_*`` variables.
+
+A flag given on the command line wins over its environment variable; list flags read
+their variable as a comma-separated list. Every bad value becomes a :class:`UsageError`
+naming the flag, the value and a correct example, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+from punchgate import __version__
+from punchgate.specs import (
+    ExposeSpec,
+    HostPort,
+    SpecError,
+    TunnelByNameSpec,
+    TunnelSpec,
+    parse_bootstrap_addr,
+    parse_expose,
+    parse_listen_addr,
+    parse_tunnel,
+    parse_tunnel_by_name,
+)
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json")
+EXAMPLE_PEER = "12D3KooWAuDFkDGEM9nHzYXD9C3mG4dUy9PAm5yf2BCKTuJQp41T"
+
+
+class UsageError(Exception):
+    """A flag's value is unusable; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, flag: str, value: str, reason: str, example: str) -> None:
+        self.flag = flag
+        separator = "=" if flag.startswith("PUNCHGATE_") else " "
+        super().__init__(f"{flag} {value!r}: {reason} (example: {flag}{separator}{example})")
+
+
+@dataclass(frozen=True)
+class Config:
+    identity: Path = Path("identity.key")
+    listen: tuple[multiaddr.Multiaddr, ...] = ()
+    bootstrap: tuple[multiaddr.Multiaddr, ...] = ()
+    expose: tuple[ExposeSpec, ...] = ()
+    tunnels: tuple[TunnelSpec, ...] = ()
+    tunnels_by_name: tuple[TunnelByNameSpec, ...] = ()
+    log_format: str = "console"
+    log_level: str = "info"
+    shutdown_grace: float = field(default=3.0, compare=False)
+
+    def tunnel_binds(self) -> list[HostPort]:
+        return [t.bind for t in self.tunnels] + [t.bind for t in self.tunnels_by_name]
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # e.g. "--expose"
+    env: str  # e.g. "PUNCHGATE_EXPOSE"
+    example: str
+    parse: Callable[[str], Any]
+    repeatable: bool
+
+
+FLAGS = (
+    _Flag("--identity", "PUNCHGATE_IDENTITY", "/var/lib/punchgate/identity.key", Path, False),
+    _Flag("--listen", "PUNCHGATE_LISTEN", "/ip4/0.0.0.0/tcp/4001", parse_listen_addr, True),
+    _Flag(
+        "--bootstrap",
+        "PUNCHGATE_BOOTSTRAP",
+        f"/ip4/203.0.113.7/tcp/4001/p2p/{EXAMPLE_PEER}",
+        parse_bootstrap_addr,
+        True,
+    ),
+    _Flag("--expose", "PUNCHGATE_EXPOSE", "ssh=127.0.0.1:22", parse_expose, True),
+    _Flag("--tunnel", "PUNCHGATE_TUNNEL", f"{EXAMPLE_PEER}:ssh@127.0.0.1:2222", parse_tunnel, True),
+    _Flag(
+        "--tunnel-by-name", "PUNCHGATE_TUNNEL_BY_NAME", "ssh@127.0.0.1:2222", parse_tunnel_by_name, True
+    ),
+    _Flag("--log-format", "PUNCHGATE_LOG_FORMAT", "json", str, False),
+)
+
+
+def _dest(flag: _Flag) -> str:
+    return flag.name.lstrip("-").replace("-", "_")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other bad value)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="punchgate",
+        description="Peer-to-peer, NAT-traversing TCP tunnels over libp2p. Every flag also reads "
+        "PUNCHGATE_<FLAG> (comma-separated for repeatable flags); PUNCHGATE_LOG sets the log level.",
+    )
+    helps = {
+        "--identity": "Ed25519 key file, created on first run (default identity.key)",
+        "--listen": "multiaddr to listen on (repeatable; default TCP and QUIC on all interfaces)",
+        "--bootstrap": "peer to dial at start, /ip4/…/tcp/…/p2p/ID (repeatable)",
+        "--expose": "serve local TCP service NAME=HOST:PORT to the mesh (repeatable)",
+        "--tunnel": "forward local BIND_HOST:PORT to PEER_ID's SERVICE (repeatable)",
+        "--tunnel-by-name": "forward local BIND_HOST:PORT to whoever provides SERVICE (repeatable)",
+        "--log-format": "console (default) or json (one object per line)",
+    }
+    for flag in FLAGS:
+        parser.add_argument(
+            flag.name,
+            dest=_dest(flag),
+            action="append" if flag.repeatable else "store",
+            metavar=flag.name.lstrip("-").upper().replace("-", "_"),
+            help=helps[flag.name],
+        )
+    parser.add_argument("--version", action="version", version=f"punchgate {__version__}")
+    return parser
+
+
+def _raw_values(flag: _Flag, given: Any, env: Mapping[str, str]) -> list[str]:
+    if given is not None:
+        return list(given) if flag.repeatable else [given]
+    text = env.get(flag.env)
+    if text is None or text.strip() == "":
+        return []
+    if flag.repeatable:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return [text.strip()]
+
+
+def _parse_values(flag: _Flag, raw: list[str], source: str) -> list[Any]:
+    values = []
+    for text in raw:
+        try:
+            values.append(flag.parse(text))
+        except SpecError as exc:
+            raise UsageError(source, text, str(exc), flag.example) from None
+    return values
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
+    """Build a :class:`Config`; raise :class:`UsageError` for any bad value."""
+    parser = build_arg_parser()
+    args = parser.parse_args(list(argv))
+    parsed: dict[str, list[Any]] = {}
+    for flag in FLAGS:
+        given = getattr(args, _dest(flag))
+        source = flag.name if given is not None else flag.env
+        parsed[_dest(flag)] = _parse_values(flag, _raw_values(flag, given, env), source)
+
+    log_format = parsed["log_format"][0] if parsed["log_format"] else "console"
+    if log_format not in LOG_FORMATS:
+        raise UsageError("--log-format", log_format, "must be console or json", "json")
+    log_level = env.get("PUNCHGATE_LOG", "info").strip().lower() or "info"
+    if log_level not in LOG_LEVELS:
+        raise UsageError("PUNCHGATE_LOG", log_level, f"must be one of {', '.join(LOG_LEVELS)}", "debug")
+
+    listen = parsed["listen"] or [parse_listen_addr(a) for a in DEFAULT_LISTEN]
+    config = Config(
+        identity=parsed["identity"][0] if parsed["identity"] else Path("identity.key"),
+        listen=tuple(listen),
+        bootstrap=tuple(parsed["bootstrap"]),
+        expose=tuple(parsed["expose"]),
+        tunnels=tuple(parsed["tunnel"]),
+        tunnels_by_name=tuple(parsed["tunnel_by_name"]),
+        log_format=log_format,
+        log_level=log_level,
+    )
+    _check_unique(config)
+    return config
+
+
+def _check_unique(config: Config) -> None:
+    seen_names: set[str] = set()
+    for spec in config.expose:
+        if spec.name in seen_names:
+            raise UsageError(
+                "--expose",
+                f"{spec.name}={spec.target}",
+                f"service name {spec.name!r} is exposed twice",
+                "ssh=127.0.0.1:22 --expose web=127.0.0.1:8080",
+            )
+        seen_names.add(spec.name)
+    seen_binds: set[HostPort] = set()
+    for bind in config.tunnel_binds():
+        if bind in seen_binds:
+            raise UsageError(
+                "--tunnel",
+                str(bind),
+                f"two tunnels bind {bind}",
+                "ssh@127.0.0.1:2222 --tunnel-by-name web@127.0.0.1:8080",
+            )
+        seen_binds.add(bind)

@@ -1,0 +1,71 @@
+"""The node's Ed25519 identity, kept in a key file.
+
+The file holds the private key in libp2p's protobuf encoding (the format other libp2p
+implementations use for exported keys). It is created on first run with mode 0600 and
+reused afterwards. A file that exists but cannot be read or decoded is an error: it is
+never replaced, because a new key would silently change the node's peer ID.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair, KeyType
+from libp2p.crypto.serialization import deserialize_private_key
+
+
+class IdentityError(Exception):
+    """The key file cannot be used."""
+
+
+def load_or_create_identity(path: Path) -> tuple[KeyPair, bool]:
+    """Return the key pair stored at ``path`` and whether it was created just now."""
+    try:
+        return _load(path), False
+    except FileNotFoundError:
+        pass
+    key_pair = create_new_key_pair()
+    _write_new(path, key_pair.private_key.serialize())
+    return key_pair, True
+
+
+def _load(path: Path) -> KeyPair:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity file {path}: {exc.strerror}") from None
+    try:
+        private_key = deserialize_private_key(data)
+    except Exception as exc:  # the decoder raises several unrelated types
+        raise IdentityError(
+            f"identity file {path} is not a libp2p private key ({type(exc).__name__}); "
+            "move it away to create a new identity (the peer ID will change)"
+        ) from None
+    if private_key.get_type() is not KeyType.Ed25519:
+        raise IdentityError(f"identity file {path} holds a {private_key.get_type().name} key, not Ed25519")
+    return KeyPair(private_key, private_key.get_public_key())
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path`` with mode 0600, atomically."""
+    if path.parent != Path("."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # link() fails if another process created the key first: never overwrite.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise IdentityError(f"identity file {path} appeared while creating it; start again") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot create identity file {path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)

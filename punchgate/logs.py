@@ -1,0 +1,71 @@
+"""Logging: structlog for our events, the same renderer for py-libp2p's stdlib logging.
+
+Console format on a terminal, one JSON object per line with ``--log-format json``; both
+go to stderr. py-libp2p configures its ``libp2p`` logger on import (no handler, no
+propagation), which makes Python's last-resort handler print its warnings raw on
+stderr; :func:`configure_logging` takes that logger back into our configuration. At the
+default level (info) the library's chatter is kept to errors; ``PUNCHGATE_LOG=debug``
+lets all of it through, rendered like our own events.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+# Third-party loggers that speak too much at info level.
+# Loggers of other libraries (by first name part; "py" is py.warnings, for warnings.warn()).
+LIBRARY_LOGGERS = ("py", "libp2p", "aioquic", "zeroconf", "async_service", "multiaddr", "quic", "trio_websocket")
+
+
+def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    stream = stream if stream is not None else sys.stderr
+    numeric = logging.getLevelName(level.upper())
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        renderer: structlog.typing.Processor = structlog.processors.JSONRenderer()
+        shared_tail = [structlog.processors.format_exc_info]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        shared_tail = []
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *shared_tail, renderer],
+    )
+    library_level = numeric if numeric <= logging.DEBUG else logging.ERROR
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    # A filter, not logger levels: some library modules set their own logger's level on import.
+    handler.addFilter(lambda record: record.levelno >= library_level or not _is_library(record.name))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.handlers.clear()
+        lib.propagate = True
+        lib.setLevel(logging.NOTSET)
+    logging.captureWarnings(True)
+
+
+def _is_library(logger_name: str) -> bool:
+    return logger_name.split(".", 1)[0] in LIBRARY_LOGGERS
+
+
+def get_logger(name: str = "punchgate") -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)

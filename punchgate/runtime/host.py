@@ -1,0 +1,110 @@
+"""Building the libp2p host and choosing the connection a tunnel stream rides on.
+
+Decisions:
+
+* **Noise is the only security protocol.** py-libp2p's default host also accepts
+  ``/plaintext/2.0.0``, secio and TLS; a plaintext dialer would get an unencrypted
+  session. We pass Noise alone, so negotiation with anything else fails.
+* **Tunnel streams ride TCP connections.** py-libp2p 0.8.1's QUIC drops data past its
+  2 MiB receive buffer and kills streams idle for 30 s, so QUIC stays available for
+  what is safe (identify, ping, discovery) while :func:`open_stream` picks a TCP
+  connection for tunnels, dialing the peer's TCP addresses when none exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from punchgate import libp2p_fixes
+from punchgate.specs import transport_of
+
+DIAL_TIMEOUT = 10.0
+NEGOTIATE_TIMEOUT = 10
+PEERSTORE_TTL = 365 * 24 * 3600  # addresses given by the user do not expire
+
+
+class NoRouteError(Exception):
+    """No usable connection to a peer could be had."""
+
+
+def build_host(key_pair: KeyPair, listen_addrs: Sequence[multiaddr.Multiaddr]) -> IHost:
+    libp2p_fixes.install()
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    wants_quic = any(transport_of(a) == "quic" for a in listen_addrs)
+    return new_host(
+        key_pair=key_pair,
+        listen_addrs=list(listen_addrs),
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        enable_quic=wants_quic,
+        negotiate_timeout=NEGOTIATE_TIMEOUT,
+    )
+
+
+def connection_transport(conn: INetConn) -> str | None:
+    """'tcp', 'quic' or 'relay' for a live connection, from its transport addresses."""
+    for addr in conn.get_transport_addresses():
+        names = [p.name for p in addr.protocols()]
+        if "p2p-circuit" in names:
+            return "relay"
+        if "quic-v1" in names or "quic" in names:
+            return "quic"
+        if "tcp" in names:
+            return "tcp"
+    return None
+
+
+def tcp_connection(host: IHost, peer_id: ID) -> INetConn | None:
+    for conn in host.get_network().get_connections(peer_id):
+        if not conn.is_closed and connection_transport(conn) == "tcp":
+            return conn
+    return None
+
+
+async def ensure_tcp_connection(host: IHost, peer_id: ID) -> INetConn:
+    """A TCP connection to ``peer_id``: an existing one, or a new dial of its TCP addresses."""
+    conn = tcp_connection(host, peer_id)
+    if conn is not None:
+        return conn
+    addrs = [a for a in host.get_peerstore().addrs(peer_id) if transport_of(a) == "tcp"]
+    if not addrs:
+        raise NoRouteError(f"no TCP address known for peer {peer_id}")
+    errors = []
+    for addr in addrs:
+        with trio.move_on_after(DIAL_TIMEOUT) as scope:
+            try:
+                return await host.get_network().dial_addr(addr, peer_id)
+            except Exception as exc:  # the swarm raises several types for a failed dial
+                errors.append(f"{addr}: {exc}")
+        if scope.cancelled_caught:
+            errors.append(f"{addr}: timed out after {DIAL_TIMEOUT:.0f}s")
+    raise NoRouteError(f"cannot reach peer {peer_id}: {'; '.join(errors)}")
+
+
+async def open_stream(host: IHost, peer_id: ID, protocol: str) -> INetStream:
+    """Open a stream for ``protocol`` on a TCP connection to ``peer_id``."""
+    conn = await ensure_tcp_connection(host, peer_id)
+    stream = await conn.new_stream()
+    try:
+        communicator = MultiselectCommunicator(stream)
+        selected = await MultiselectClient().select_one_of(
+            [TProtocol(protocol)], communicator, NEGOTIATE_TIMEOUT
+        )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.reset()
+        raise
+    stream.set_protocol(selected)
+    return stream

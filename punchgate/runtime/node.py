@@ -1,0 +1,214 @@
+"""The node's event loop: translate -> transition -> execute.
+
+Everything that happens (a listener coming up, a dial's result, a connection opening,
+a signal) is posted as an event to one channel. The loop takes each event, runs the
+pure transition and executes the commands it returns. Commands that take time (dials)
+run as tasks in the node's nursery and report back with new events; shutdown commands
+run in order, inline.
+
+Ownership: :meth:`Node.run` owns the host (``host.run``) and one nursery holding every
+task the node starts: the signal watcher, pinger, dials, tunnel listeners and their
+connection handlers. When the loop ends it cancels that nursery, then the host closes.
+Streams the library hands to our protocol handler run in the library's tasks; each
+registers with the :class:`SessionRegistry` so shutdown can reach it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Callable
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from punchgate.config import Config
+from punchgate.logs import get_logger
+from punchgate.runtime.host import DIAL_TIMEOUT, PEERSTORE_TTL, build_host, connection_transport
+from punchgate.runtime.pinger import Pinger
+from punchgate.runtime.sessions import SessionRegistry
+from punchgate.runtime.tunnel_client import TunnelClient
+from punchgate.runtime.tunnel_service import TunnelService
+from punchgate.state import NodeState, Phase, transition
+from punchgate.state import commands as cmd
+from punchgate.state import events as ev
+from punchgate.wire import PROTOCOL_ID
+
+log = get_logger("punchgate.node")
+
+
+class Node:
+    def __init__(self, config: Config, key_pair: KeyPair) -> None:
+        self.config = config
+        self.host: IHost = build_host(key_pair, config.listen)
+        self.peer_id = self.host.get_id()
+        self.registry = SessionRegistry()
+        self.bootstrap_addrs = _group_by_peer(config.bootstrap)
+        self.state = NodeState.initial(
+            tuple(self.bootstrap_addrs), tuple(s.name for s in config.expose), config.shutdown_grace
+        )
+        self._events_in, self._events_out = trio.open_memory_channel[ev.Event](math.inf)
+        self._nursery: trio.Nursery | None = None
+        self._dialing: set[str] = set()
+        self._stopped = False
+        self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
+        self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
+        self.clients = [
+            TunnelClient(self.host, t.service, t.bind, _fixed_peer(t.peer_id), self.registry, self.post)
+            for t in config.tunnels
+        ]
+        self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
+
+    def post(self, event: ev.Event) -> None:
+        """Hand an event to the loop; callable from any task of this trio run."""
+        try:
+            self._events_in.send_nowait(event)
+        except trio.ClosedResourceError:
+            pass  # the loop has ended; nothing listens any more
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        for client in self.clients:
+            await client.open_listeners()
+        for peer_id, addrs in self.bootstrap_addrs.items():
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), addrs, PEERSTORE_TTL)
+        try:
+            async with self.host.run(listen_addrs=list(self.config.listen)), trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.service.handle_stream)
+                self.host.get_network().register_notifee(_ConnectionEvents(self.post))
+                nursery.start_soon(self._watch_signals)
+                nursery.start_soon(Pinger(self.host).run)
+                addresses = tuple(str(a) for a in self.host.get_addrs())
+                for address in addresses:
+                    log.info("listening on", address=address)
+                self.post(ev.ListenersReady(addresses))
+                task_status.started(self)
+                async for event in self._events_out:
+                    await self._step(event)
+                    if self._stopped:
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            for client in self.clients:
+                for listener in client.listeners:
+                    await listener.aclose()
+        log.info("stopped", peer_id=str(self.peer_id))
+
+    async def _step(self, event: ev.Event) -> None:
+        old = self.state
+        self.state, commands = transition(old, event)
+        if old.phase is not self.state.phase:
+            log.info("phase transition", from_phase=old.phase.value, to_phase=self.state.phase.value)
+            if self.state.phase is Phase.READY:
+                self.ready.set()
+        log.debug("state event", event_type=type(event).__name__, commands=[type(c).__name__ for c in commands])
+        for command in commands:
+            await self._execute(command)
+
+    async def _execute(self, command: cmd.Command) -> None:
+        assert self._nursery is not None
+        match command:
+            case cmd.DialBootstrap(peer_id=peer_id, delay=delay):
+                if peer_id not in self._dialing:
+                    self._dialing.add(peer_id)
+                    self._nursery.start_soon(self._dial_bootstrap, peer_id, delay)
+            case cmd.StartTunnelListeners():
+                self._nursery.start_soon(self._serve_tunnels, self._nursery)
+            case cmd.PublishServices(names=names):
+                log.info("services exposed", services=list(names))
+            case cmd.ReserveRelay(relay_peer_id=relay):
+                log.warning("relay reservation not supported by this runtime", relay=relay)
+            case cmd.StopTunnelListeners():
+                self._listener_scope.cancel()
+            case cmd.CloseTunnelSessions(grace=grace):
+                open_sessions = len(self.registry)
+                await self.registry.close_all(grace)
+                log.info("tunnels closed", sessions=open_sessions, left_open=len(self.registry))
+            case cmd.StopHost():
+                self._stopped = True
+
+    async def _serve_tunnels(self, handler_nursery: trio.Nursery) -> None:
+        with self._listener_scope:
+            async with trio.open_nursery() as nursery:
+                for client in self.clients:
+                    nursery.start_soon(client.serve, handler_nursery)
+
+    async def _dial_bootstrap(self, peer_id: str, delay: float) -> None:
+        try:
+            await trio.sleep(delay)
+            pid = ID.from_base58(peer_id)
+            with trio.fail_after(DIAL_TIMEOUT):
+                await self.host.connect(PeerInfo(pid, self.bootstrap_addrs[peer_id]))
+        except Exception as exc:  # dial errors come in many types; all mean "not reached"
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else f"{type(exc).__name__}: {exc}"
+            log.warning("bootstrap dial failed", peer=peer_id, reason=reason, retry_in_s=None)
+            self._dialing.discard(peer_id)
+            self.post(ev.BootstrapFailed(peer_id, reason))
+            return
+        self._dialing.discard(peer_id)
+        log.info("bootstrap connected", peer=peer_id)
+        self.post(ev.BootstrapConnected(peer_id))
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                log.info("shutdown requested", signal=name)
+                self.post(ev.ShutdownRequested(name))
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        self.post(ev.ShutdownRequested(reason))
+
+
+def _group_by_peer(addrs: tuple[multiaddr.Multiaddr, ...]) -> dict[str, list[multiaddr.Multiaddr]]:
+    """Bootstrap addresses by peer ID, each without its trailing /p2p part."""
+    grouped: dict[str, list[multiaddr.Multiaddr]] = {}
+    for addr in addrs:
+        peer_id = addr.value_for_protocol("p2p")
+        grouped.setdefault(peer_id, []).append(addr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}")))
+    return grouped
+
+
+def _fixed_peer(peer_id: str):
+    pid = ID.from_base58(peer_id)
+
+    async def find(service: str) -> list[ID]:
+        return [pid]
+
+    return find
+
+
+class _ConnectionEvents(INotifee):
+    """Turns the swarm's connection notifications into log lines and events."""
+
+    def __init__(self, post: Callable[[ev.Event], None]) -> None:
+        self.post = post
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        addrs = [str(a) for a in conn.get_transport_addresses()]
+        log.info("connection opened", peer=str(peer), transport=connection_transport(conn), addresses=addrs)
+        self.post(ev.PeerConnected(str(peer)))
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        log.info("connection closed", peer=str(peer), transport=connection_transport(conn))
+        if not network.get_connections(peer):
+            self.post(ev.PeerDisconnected(str(peer)))
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass

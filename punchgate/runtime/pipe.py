@@ -1,0 +1,92 @@
+"""One tunnel session's data path: a local TCP socket <-> a libp2p stream.
+
+Who reads and writes: two tasks, one per direction, in a nursery owned by :func:`pipe`.
+
+* local -> remote: ``receive_some`` on the socket, ``write`` on the stream. The socket's
+  end of file becomes ``close_write`` on the stream (a half-close the peer sees as EOF).
+* remote -> local: ``read`` on the stream, ``send_all`` on the socket. The stream's EOF
+  becomes ``send_eof`` on the socket (shutdown of its write side).
+
+Back-pressure: each task awaits its write before reading again, so a slow reader on
+one end holds the writer on the other (Yamux's window carries it across the network).
+
+Who closes: when both directions have ended cleanly, both ends are closed. If either
+direction fails (stream reset, socket error), the other is cancelled, the stream is
+reset and the socket closed, so neither side is left hanging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.network.stream.exceptions import StreamEOF
+
+CHUNK = 256 * 1024
+CLOSE_TIMEOUT = 2.0
+
+
+@dataclass
+class PipeResult:
+    to_remote: int = 0  # bytes read from the local socket and written to the stream
+    from_remote: int = 0  # bytes read from the stream and written to the local socket
+    error: str | None = None  # why the session broke, None for a clean end
+
+
+async def pipe(local: trio.SocketStream, remote: INetStream, pending_to_local: bytes = b"") -> PipeResult:
+    """Copy both ways until both directions end; always closes both ends."""
+    result = PipeResult()
+
+    async def local_to_remote() -> None:
+        while True:
+            data = await local.receive_some(CHUNK)
+            if not data:
+                await remote.close_write()
+                return
+            await remote.write(data)
+            result.to_remote += len(data)
+
+    async def remote_to_local() -> None:
+        if pending_to_local:
+            await local.send_all(pending_to_local)
+            result.from_remote += len(pending_to_local)
+        while True:
+            try:
+                data = await remote.read(CHUNK)
+            except StreamEOF:
+                await local.send_eof()
+                return
+            await local.send_all(data)
+            result.from_remote += len(data)
+
+    async def guarded(direction, nursery: trio.Nursery) -> None:
+        try:
+            await direction()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            result.error = result.error or f"local socket: {exc or type(exc).__name__}"
+            nursery.cancel_scope.cancel()
+        except Exception as exc:  # stream reset/closed/error from libp2p
+            result.error = result.error or f"stream: {type(exc).__name__} {exc}".strip()
+            nursery.cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, local_to_remote, nursery)
+            nursery.start_soon(guarded, remote_to_local, nursery)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await close_ends(local, remote, broken=result.error is not None)
+    return result
+
+
+async def close_ends(local: trio.SocketStream, remote: INetStream, broken: bool) -> None:
+    """Close both ends: a reset for a broken session, a normal close otherwise."""
+    try:
+        if broken:
+            await remote.reset()
+        else:
+            await remote.close()
+    except Exception:
+        pass  # the stream is gone already; nothing more to tell the peer
+    await local.aclose()

@@ -1,0 +1,122 @@
+"""The client side of a tunnel: a local TCP listener whose every connection becomes a stream.
+
+For each accepted local connection: find a peer for the service (a fixed peer for
+``--tunnel``, a provider for ``--tunnel-by-name``), open ``/punchgate/tunnel/1.0.0`` on a
+TCP connection to it, ask for the service, and on acceptance pipe bytes both ways. A
+refusal or any failure closes the local connection at once and says why in the log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from punchgate.logs import get_logger
+from punchgate.runtime.handshake import read_message
+from punchgate.runtime.host import open_stream
+from punchgate.runtime.pipe import pipe
+from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
+from punchgate.specs import HostPort
+from punchgate.state import events as ev
+from punchgate.wire import PROTOCOL_ID, WireError, encode_request, parse_response
+
+log = get_logger("punchgate.tunnel")
+
+# Given the service name, return the peers to try, best first.
+PeerFinder = Callable[[str], Awaitable[list[ID]]]
+
+
+class TunnelClient:
+    def __init__(
+        self,
+        host: IHost,
+        service: str,
+        bind: HostPort,
+        find_peers: PeerFinder,
+        registry: SessionRegistry,
+        post: Callable[[ev.Event], None],
+    ) -> None:
+        self.host = host
+        self.service = service
+        self.bind = bind
+        self.find_peers = find_peers
+        self.registry = registry
+        self.post = post
+        self.listeners: list[trio.SocketListener] = []
+
+    async def open_listeners(self) -> None:
+        """Bind the local port now, so that a taken port fails the start, not a later connection."""
+        self.listeners = await trio.open_tcp_listeners(self.bind.port, host=self.bind.host)
+        log.info("tunnel listening", bind=str(self.bind), service=self.service)
+
+    async def serve(self, handler_nursery: trio.Nursery) -> None:
+        await trio.serve_listeners(self._handle, self.listeners, handler_nursery=handler_nursery)
+
+    async def _handle(self, local: trio.SocketStream) -> None:
+        try:
+            with self.registry.session():
+                self.post(ev.TunnelSessionOpened(str(self.bind)))
+                try:
+                    await self._run_session(local)
+                finally:
+                    self.post(ev.TunnelSessionClosed(str(self.bind)))
+        except RegistryClosed:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await local.aclose()
+
+    async def _run_session(self, local: trio.SocketStream) -> None:
+        fields = {"service": self.service, "bind": str(self.bind)}
+        started = time.monotonic()
+        candidates = await self.find_peers(self.service)
+        if not candidates:
+            log.warning("client tunnel error", **fields, reason="no peer provides this service")
+            return
+        errors = []
+        for peer_id in candidates:
+            try:
+                stream = await open_stream(self.host, peer_id, PROTOCOL_ID)
+            except Exception as exc:  # dial, negotiation and swarm errors of many types
+                errors.append(f"{peer_id}: {exc}")
+                continue
+            await self._handshake_and_pipe(local, stream, str(peer_id), fields, started)
+            return
+        log.warning("client tunnel error", **fields, reason="; ".join(errors))
+
+    async def _handshake_and_pipe(self, local, stream, peer: str, fields: dict, started: float) -> None:
+        try:
+            await stream.write(encode_request(self.service))
+            message, early_bytes = await read_message(stream)
+            response = parse_response(message)
+        except (WireError, trio.TooSlowError, Exception) as exc:
+            log.warning("client tunnel error", **fields, peer=peer, reason=f"handshake: {type(exc).__name__} {exc}")
+            await _reset(stream)
+            return
+        if not response.accepted:
+            log.warning("client tunnel rejected", **fields, peer=peer, reason=response.reason)
+            await _reset(stream)
+            return
+        setup_ms = round((time.monotonic() - started) * 1000, 2)
+        log.info("client tunnel opened", **fields, peer=peer, setup_ms=setup_ms)
+        result = await pipe(local, stream, pending_to_local=early_bytes)
+        log.info(
+            "client tunnel closed",
+            **fields,
+            peer=peer,
+            bytes_to_remote=result.to_remote,
+            bytes_from_remote=result.from_remote,
+            duration_s=round(time.monotonic() - started, 3),
+            error=result.error,
+        )
+
+
+async def _reset(stream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass

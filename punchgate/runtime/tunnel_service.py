@@ -1,0 +1,100 @@
+"""The serving side of ``/punchgate/tunnel/1.0.0``: streams in, exposed TCP services out."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+from libp2p.abc import INetStream
+
+from punchgate.logs import get_logger
+from punchgate.runtime.handshake import read_message
+from punchgate.runtime.pipe import pipe
+from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
+from punchgate.specs import HostPort
+from punchgate.wire import TunnelResponse, WireError, encode_response, parse_request
+
+CONNECT_TIMEOUT = 10.0
+
+log = get_logger("punchgate.tunnel")
+
+
+class TunnelService:
+    """Answers tunnel requests for the services given with ``--expose``."""
+
+    def __init__(self, services: dict[str, HostPort], registry: SessionRegistry) -> None:
+        self.services = services
+        self.registry = registry
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with self.registry.session():
+                await self._serve(stream, peer)
+        except RegistryClosed:
+            await _refuse(stream, peer, None, "node is shutting down")
+
+    async def _serve(self, stream: INetStream, peer: str) -> None:
+        try:
+            message, early_bytes = await read_message(stream)
+            service = parse_request(message).service_name
+        except (WireError, trio.TooSlowError) as exc:
+            reason = "no request in time" if isinstance(exc, trio.TooSlowError) else str(exc)
+            await _refuse(stream, peer, None, f"bad request: {reason}")
+            return
+        except Exception as exc:  # the stream broke before the request arrived
+            log.warning("tunnel rejected", peer=peer, reason=f"stream error: {type(exc).__name__}")
+            await _reset(stream)
+            return
+
+        log.info("tunnel request", peer=peer, service=service)
+        target = self.services.get(service)
+        if target is None:
+            await _refuse(stream, peer, service, f"unknown service {service!r}")
+            return
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                local = await trio.open_tcp_stream(target.host, target.port)
+        except (OSError, trio.TooSlowError) as exc:
+            await _refuse(stream, peer, service, f"service {service!r} at {target} unreachable: {exc or 'timeout'}")
+            return
+
+        started = time.monotonic()
+        try:
+            await stream.write(encode_response(TunnelResponse(True)))
+        except Exception as exc:
+            log.warning("tunnel rejected", peer=peer, service=service, reason=f"stream error: {exc}")
+            await local.aclose()
+            await _reset(stream)
+            return
+        log.info("tunnel accepted", peer=peer, service=service, target=str(target))
+        # A client may start sending before our answer: those bytes go to the service first.
+        result = await pipe(local, stream, pending_to_local=early_bytes)
+        log.info(
+            "tunnel closed",
+            peer=peer,
+            service=service,
+            bytes_to_service=result.from_remote,
+            bytes_from_service=result.to_remote,
+            duration_s=round(time.monotonic() - started, 3),
+            error=result.error,
+        )
+
+
+async def _refuse(stream: INetStream, peer: str, service: str | None, reason: str) -> None:
+    log.warning("tunnel rejected", peer=peer, service=service, reason=reason)
+    try:
+        with trio.move_on_after(2):
+            await stream.write(encode_response(TunnelResponse(False, reason)))
+            await stream.close()
+            return
+    except Exception:
+        pass
+    await _reset(stream)
+
+
+async def _reset(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
