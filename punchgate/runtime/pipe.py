@@ -32,11 +32,13 @@ class PipeResult:
     to_remote: int = 0  # bytes read from the local socket and written to the stream
     from_remote: int = 0  # bytes read from the stream and written to the local socket
     error: str | None = None  # why the session broke, None for a clean end
+    interrupted: bool = False  # cancelled from outside (shutdown) before both directions ended
 
 
-async def pipe(local: trio.SocketStream, remote: INetStream, pending_to_local: bytes = b"") -> PipeResult:
-    """Copy both ways until both directions end; always closes both ends."""
-    result = PipeResult()
+async def pipe(
+    local: trio.SocketStream, remote: INetStream, result: PipeResult, pending_to_local: bytes = b""
+) -> None:
+    """Copy both ways until both directions end, counting into ``result``; always closes both ends."""
 
     async def local_to_remote() -> None:
         while True:
@@ -74,10 +76,12 @@ async def pipe(local: trio.SocketStream, remote: INetStream, pending_to_local: b
         async with trio.open_nursery() as nursery:
             nursery.start_soon(guarded, local_to_remote, nursery)
             nursery.start_soon(guarded, remote_to_local, nursery)
+    except trio.Cancelled:
+        result.interrupted = True
+        raise
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await close_ends(local, remote, broken=result.error is not None)
-    return result
 
 
 async def close_ends(local: trio.SocketStream, remote: INetStream, broken: bool) -> None:

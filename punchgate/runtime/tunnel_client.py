@@ -18,11 +18,11 @@ from libp2p.peer.id import ID
 from punchgate.logs import get_logger
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.host import open_stream
-from punchgate.runtime.pipe import pipe
+from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.specs import HostPort
 from punchgate.state import events as ev
-from punchgate.wire import PROTOCOL_ID, WireError, encode_request, parse_response
+from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
 
 log = get_logger("punchgate.tunnel")
 
@@ -93,7 +93,7 @@ class TunnelClient:
             await stream.write(encode_request(self.service))
             message, early_bytes = await read_message(stream)
             response = parse_response(message)
-        except (WireError, trio.TooSlowError, Exception) as exc:
+        except Exception as exc:  # WireError, TooSlowError and stream errors alike
             log.warning("client tunnel error", **fields, peer=peer, reason=f"handshake: {type(exc).__name__} {exc}")
             await _reset(stream)
             return
@@ -103,16 +103,20 @@ class TunnelClient:
             return
         setup_ms = round((time.monotonic() - started) * 1000, 2)
         log.info("client tunnel opened", **fields, peer=peer, setup_ms=setup_ms)
-        result = await pipe(local, stream, pending_to_local=early_bytes)
-        log.info(
-            "client tunnel closed",
-            **fields,
-            peer=peer,
-            bytes_to_remote=result.to_remote,
-            bytes_from_remote=result.from_remote,
-            duration_s=round(time.monotonic() - started, 3),
-            error=result.error,
-        )
+        result = PipeResult()
+        try:
+            await pipe(local, stream, result, pending_to_local=early_bytes)
+        finally:
+            log.info(
+                "client tunnel closed",
+                **fields,
+                peer=peer,
+                bytes_to_remote=result.to_remote,
+                bytes_from_remote=result.from_remote,
+                duration_s=round(time.monotonic() - started, 3),
+                error=result.error,
+                interrupted=result.interrupted,
+            )
 
 
 async def _reset(stream) -> None:

@@ -9,7 +9,7 @@ from libp2p.abc import INetStream
 
 from punchgate.logs import get_logger
 from punchgate.runtime.handshake import read_message
-from punchgate.runtime.pipe import pipe
+from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.specs import HostPort
 from punchgate.wire import TunnelResponse, WireError, encode_response, parse_request
@@ -69,16 +69,20 @@ class TunnelService:
             return
         log.info("tunnel accepted", peer=peer, service=service, target=str(target))
         # A client may start sending before our answer: those bytes go to the service first.
-        result = await pipe(local, stream, pending_to_local=early_bytes)
-        log.info(
-            "tunnel closed",
-            peer=peer,
-            service=service,
-            bytes_to_service=result.from_remote,
-            bytes_from_service=result.to_remote,
-            duration_s=round(time.monotonic() - started, 3),
-            error=result.error,
-        )
+        result = PipeResult()
+        try:
+            await pipe(local, stream, result, pending_to_local=early_bytes)
+        finally:
+            log.info(
+                "tunnel closed",
+                peer=peer,
+                service=service,
+                bytes_to_service=result.from_remote,
+                bytes_from_service=result.to_remote,
+                duration_s=round(time.monotonic() - started, 3),
+                error=result.error,
+                interrupted=result.interrupted,
+            )
 
 
 async def _refuse(stream: INetStream, peer: str, service: str | None, reason: str) -> None:

@@ -1,0 +1,85 @@
+"""Shared helpers for tests that run real nodes, sockets and processes on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from functools import partial
+
+import multiaddr
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from punchgate.config import Config
+from punchgate.logs import configure_logging
+from punchgate.runtime.node import Node
+from punchgate.specs import transport_of
+
+LOOPBACK_TCP = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+NODE_START_TIMEOUT = 20
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs():
+    configure_logging("console", "warning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_echo_server(nursery: trio.Nursery) -> int:
+    """A half-close aware echo server on loopback; returns its port."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(256 * 1024):
+                await stream.send_all(data)
+            await stream.send_eof()
+
+    nursery.start_soon(partial(trio.serve_listeners, echo, listeners))
+    return listeners[0].socket.getsockname()[1]
+
+
+async def start_node(nursery: trio.Nursery, **config: object) -> Node:
+    config.setdefault("listen", (LOOPBACK_TCP,))
+    node = Node(Config(**config), create_new_key_pair())
+    with trio.fail_after(NODE_START_TIMEOUT):
+        await nursery.start(node.run)
+        await node.ready.wait()
+    return node
+
+
+def address_of(node: Node, transport: str = "tcp") -> multiaddr.Multiaddr:
+    """The node's listen address for ``transport``, with /p2p/<id>."""
+    for addr in node.host.get_addrs():
+        if transport_of(addr) == transport:
+            return addr
+    raise AssertionError(f"node has no {transport} address: {node.host.get_addrs()}")
+
+
+async def exchange(port: int, payload: bytes, chunk: int = 256 * 1024) -> bytes:
+    """Send ``payload`` to 127.0.0.1:port while reading; half-close; return all bytes read."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = bytearray()
+    async with stream:
+
+        async def send() -> None:
+            view = memoryview(payload)
+            for i in range(0, len(view), chunk):
+                await stream.send_all(view[i : i + chunk])
+            await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while data := await stream.receive_some(1024 * 1024):
+                received += data
+    return bytes(received)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,142 @@
+"""Real punchgate processes: logs, identity reuse, a tunnel, and SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+from processes import PunchgateProcess, identity_path
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+@pytest.fixture
+def echo_port():
+    """A thread-based echo server (half-close aware) for the processes to expose."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    def accept_loop() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept_loop, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(timeout=5)
+    server.close()
+
+
+@pytest.fixture
+def processes():
+    started: list[PunchgateProcess] = []
+
+    def start(*args: str, **kwargs) -> PunchgateProcess:
+        proc = PunchgateProcess(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_json_logs_startup_events_and_identity_reuse(tmp_path, processes):
+    key = identity_path(tmp_path, "node")
+    first = processes("--identity", key, "--listen", LOOPBACK, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1")
+    start = first.wait_event("punchgate starting")
+    first.wait_event("phase transition", to_phase="ready")
+    addresses = [e["address"] for e in first.events() if e["event"] == "listening on"]
+    assert any("/tcp/" in a for a in addresses) and any("/quic-v1" in a for a in addresses)
+    assert all(a.endswith("/p2p/" + start["peer_id"]) for a in addresses)
+    assert start["identity_created"] is True
+    code, _ = first.terminate_and_wait(10)
+    first.drain()
+    assert code == 0
+    # Every line on stderr is one JSON object: nothing stray from the library.
+    assert all(isinstance(json.loads(line), dict) for line in first.lines)
+    assert first.stdout == []
+
+    second = processes("--identity", key, "--listen", LOOPBACK)
+    again = second.wait_event("punchgate starting")
+    assert again["peer_id"] == start["peer_id"] and again["identity_created"] is False
+
+
+def test_corrupt_identity_is_a_clear_error(tmp_path, processes):
+    key = tmp_path / "bad.key"
+    key.write_bytes(b"not a key")
+    proc = processes("--identity", str(key), "--listen", LOOPBACK)
+    assert proc.proc.wait(timeout=30) == 1
+    proc.drain()
+    assert any(e["event"] == "identity error" and str(key) in e["reason"] for e in proc.events())
+    assert key.read_bytes() == b"not a key"
+
+
+def test_taken_tunnel_port_fails_the_start(tmp_path, processes):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        peer = "12D3KooWAuDFkDGEM9nHzYXD9C3mG4dUy9PAm5yf2BCKTuJQp41T"
+        proc = processes(
+            "--identity", identity_path(tmp_path, "c"), "--listen", LOOPBACK, "--tunnel", f"{peer}:ssh@127.0.0.1:{port}"
+        )
+        assert proc.proc.wait(timeout=30) == 1
+    proc.drain()
+    assert any(e["event"] == "cannot start" for e in proc.events())
+
+
+def test_sigterm_closes_open_tunnels_and_exits_0_within_5s(tmp_path, processes, echo_port):
+    provider = processes(
+        "--identity", identity_path(tmp_path, "p"), "--listen", LOOPBACK, "--expose", f"echo=127.0.0.1:{echo_port}"
+    )
+    provider_id = provider.wait_event("punchgate starting")["peer_id"]
+    provider_addr = provider.tcp_address()
+    port = free_port()
+    client = processes(
+        "--identity", identity_path(tmp_path, "c"),
+        "--listen", LOOPBACK,
+        "--bootstrap", provider_addr,
+        "--tunnel", f"{provider_id}:echo@127.0.0.1:{port}",
+    )
+    client.wait_event("phase transition", to_phase="ready")
+
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(b"hello punchgate\n")
+    assert conn.recv(100) == b"hello punchgate\n"  # the session is open and working
+    client.wait_event("client tunnel opened")
+
+    code, seconds = client.terminate_and_wait(timeout=10)
+    assert code == 0 and seconds < 5, (code, seconds)
+    # The local client's connection was closed, not left hanging.
+    conn.settimeout(5)
+    try:
+        assert conn.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    conn.close()
+    client.drain()
+    assert any(e["event"] == "client tunnel closed" for e in client.events())
+
+    provider.wait_event("tunnel closed", timeout=10)
+    code, seconds = provider.terminate_and_wait(timeout=10)
+    assert code == 0 and seconds < 5, (code, seconds)
