@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 
 import pytest
 
-from processes import PunchgateProcess, identity_path
+from punchgate.devtools.echo import EchoServer
+from punchgate.devtools.processes import PunchgateProcess, identity_path
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 @pytest.fixture
 def echo_port():
-    """A thread-based echo server (half-close aware) for the processes to expose."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-
-    def accept_loop() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept_loop, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(timeout=5)
-    server.close()
+    with EchoServer() as server:
+        yield server.port
 
 
 @pytest.fixture

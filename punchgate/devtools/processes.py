@@ -1,4 +1,4 @@
-"""Running real ``punchgate`` processes in tests, reading their JSON log lines as they come."""
+"""Running real ``punchgate`` processes, reading their JSON log lines as they come."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Helpers for the demo, benchmarks and tests: running punchgate processes and echo servers."""

@@ -1,0 +1,366 @@
+"""Yamux connection with go-yamux-like flow control and a lean frame path.
+
+Defects (py-libp2p 0.8.1, ``libp2p/stream_muxer/yamux/yamux.py``):
+
+- Frame size: DATA frames carry up to 65,524 B (``MAX_MESSAGE_SIZE`` - header,
+  ``YamuxStream.write`` ~246), 5 B more than one Noise message holds (65,519 B,
+  ``libp2p/security/noise/io.py``), so each frame becomes a full Noise message
+  plus a 17 B one.
+- Window: every stream starts with a 256 KiB receive window that autotuning grows
+  only slowly, and ``YamuxStream.read`` (~529, ~581) sends a WINDOW_UPDATE (its
+  own Noise message) for nearly every read.
+- Receive path: ``Yamux.handle_incoming`` (~1186-1693) reads each header and body
+  with ``read_exactly`` (copies) under a ``fail_after`` per body, takes
+  ``streams_lock`` and the stream's ``window_lock`` per frame, formats debug
+  strings per frame, and buffers bodies in a ``bytearray`` from which every read
+  copies again (``read_stream`` ~1107-1160). ``_write_frame`` (~851) unpacks
+  every outgoing header for a debug log and adds a checkpoint.
+
+Adjustments, all in ``FlowYamux`` / ``FlowYamuxStream`` (subclasses of the
+library's ``Yamux`` and of our ``BackpressureYamuxStream``):
+
+- DATA payload <= 65,507 B, so header + payload is exactly one Noise message.
+- Each stream announces a 16 MiB receive window when it opens (the SYN or ACK
+  WINDOW_UPDATE carries the delta over the spec's 256 KiB, as go-yamux does) and
+  credits the peer only once half of it has been consumed.
+- A write is sent in batches of at most 4 frames (~256 KiB), each batch one call
+  into the secure session (``NoiseSession.write_many``: one socket write), with
+  the connection's write lock taken per batch so streams interleave fairly.
+- The frame reader dispatches without locks (trio runs it between awaits, which
+  is all the library's locks protected), reads bodies that are already decrypted
+  as zero-copy views (``NoiseSession.read_exact``) and only applies the body
+  timeout when it actually has to wait; received bodies are queued per stream
+  (``ChunkBuffer``) and handed to readers without copying when a read takes a
+  whole body.
+- Error mapping is kept: any failure of the frame reader tears the connection
+  down through the library's ``_cleanup_on_error``, which resets every stream.
+
+The wire protocol is plain Yamux 1.0.0: unpatched peers interoperate.
+``libp2p/stream_muxer/muxer_multistream.py`` builds the muxer by the
+module-global name ``Yamux`` (~143), so ``install()`` binds ``FlowYamux`` there.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import Any
+
+import trio
+from libp2p.io.utils import read_exactly
+from libp2p.stream_muxer import muxer_multistream
+from libp2p.stream_muxer.exceptions import (
+    MuxedStreamEOF,
+    MuxedStreamError,
+    MuxedStreamReset,
+)
+from libp2p.stream_muxer.yamux.yamux import (
+    DEFAULT_WINDOW_SIZE,
+    FLAG_ACK,
+    FLAG_FIN,
+    FLAG_RST,
+    FLAG_SYN,
+    HEADER_SIZE,
+    TYPE_DATA,
+    TYPE_GO_AWAY,
+    TYPE_PING,
+    TYPE_WINDOW_UPDATE,
+    YAMUX_HEADER_FORMAT,
+    Yamux,
+)
+
+from punchgate.libp2p_fixes.noise import MAX_PLAINTEXT
+from punchgate.libp2p_fixes.yamux import BackpressureYamuxStream
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
+FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one Noise message
+RECEIVE_WINDOW = 16 * 1024 * 1024
+WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
+WRITE_BATCH_FRAMES = 4
+BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
+
+
+class ChunkBuffer:
+    """A stream's received bytes: frame bodies queued as they arrived.
+
+    Stands in for the library's per-stream ``bytearray`` in
+    ``Yamux.stream_buffers``; the library only uses ``len``/truth and ``clear``
+    on it once reads go through ``FlowYamuxStream.read``.
+    """
+
+    __slots__ = ("_chunks", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes | memoryview] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def extend(self, data: bytes | memoryview) -> None:
+        if len(data):
+            self._chunks.append(data)
+            self._size += len(data)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+
+    def take(self, n: int) -> bytes:
+        """Remove and return up to ``n`` bytes (all with ``n < 0``)."""
+        if n < 0 or n > self._size:
+            n = self._size
+        self._size -= n
+        first = self._chunks[0]
+        if len(first) == n:
+            self._chunks.popleft()
+            return first if isinstance(first, bytes) else bytes(first)
+        if len(first) > n:
+            view = memoryview(first)
+            self._chunks[0] = view[n:]
+            return bytes(view[:n])
+        parts = []
+        while n:
+            first = self._chunks[0]
+            if len(first) <= n:
+                parts.append(self._chunks.popleft())
+                n -= len(first)
+            else:
+                view = memoryview(first)
+                parts.append(view[:n])
+                self._chunks[0] = view[n:]
+                n = 0
+        return b"".join(parts)
+
+
+class FlowYamuxStream(BackpressureYamuxStream):
+    """Stream of a ``FlowYamux``: big window, rare updates, batched writes."""
+
+    max_frame_payload = FRAME_PAYLOAD
+
+    def __init__(self, stream_id: int, conn: Any, is_initiator: bool) -> None:
+        super().__init__(stream_id, conn, is_initiator)
+        # What we have granted the peer (the spec's 256 KiB + the delta we announce).
+        self.recv_window = RECEIVE_WINDOW
+        self.target_recv_window = RECEIVE_WINDOW
+        self._uncredited = 0  # consumed by the application, not yet granted again
+
+    async def write(self, data: bytes) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        total = len(view)
+        sent = 0
+        async with self._writer_lock:
+            while sent < total:
+                await self._wait_for_send_window()
+                frames = []
+                while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH_FRAMES:
+                    size = min(self.send_window, FRAME_PAYLOAD, total - sent)
+                    self.send_window -= size
+                    header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
+                    frames.append((header, view[sent : sent + size]))
+                    sent += size
+                await self.conn._write_frames(frames)
+
+    async def read(self, n: int | None = -1) -> bytes:
+        if n is None:
+            n = -1
+        if n == 0:
+            return b""
+        conn = self.conn
+        while True:
+            buffer = conn.stream_buffers.get(self.stream_id)
+            if buffer:
+                data = buffer.take(n)
+                if self.closed and not buffer:
+                    await conn._finalize_stream(self, fully_closed=True)
+                else:
+                    await self._credit_peer(len(data))
+                return data
+            if self.reset_received:
+                raise MuxedStreamReset("Stream was reset")
+            if self.recv_closed or buffer is None:
+                raise MuxedStreamEOF("Stream is closed for receiving")
+            if conn.event_shutting_down.is_set():
+                raise MuxedStreamEOF("Connection shut down")
+            event = conn.stream_events.get(self.stream_id)
+            if event is None:
+                raise MuxedStreamEOF("Stream was removed during read")
+            await event.wait()
+            if conn.stream_events.get(self.stream_id) is event:
+                conn.stream_events[self.stream_id] = trio.Event()
+
+    async def _credit_peer(self, consumed: int) -> None:
+        """Grant consumed bytes back to the peer, but only half a window at a time."""
+        self._uncredited += consumed
+        if self._uncredited < WINDOW_UPDATE_THRESHOLD or self.recv_closed:
+            return
+        increment, self._uncredited = self._uncredited, 0
+        self.recv_window += increment
+        header = _HEADER.pack(0, TYPE_WINDOW_UPDATE, 0, self.stream_id, increment)
+        try:
+            await self.conn._write_frame(header)
+        except Exception as error:  # noqa: BLE001 - the data was read; the next read reports a dead conn
+            logger.debug("stream %d: window update not sent: %r", self.stream_id, error)
+
+
+class FlowYamux(Yamux):
+    """``Yamux`` with our streams, flow control and a lean frame reader."""
+
+    stream_class = FlowYamuxStream
+
+    async def _write_frame(self, data: bytes) -> None:
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+
+    async def _write_frames(self, frames: list[tuple[bytes, memoryview]]) -> None:
+        """One batch of (header, payload) frames, one secure-session call that
+        makes each frame one Noise message."""
+        write_many = getattr(self.secured_conn, "write_many", None)
+        async with self._write_lock:
+            if write_many is not None:
+                await write_many(frames)
+            else:
+                await self.secured_conn.write(b"".join(b"".join(frame) for frame in frames))
+
+    def _register(self, stream_id: int, is_initiator: bool) -> FlowYamuxStream:
+        stream = self.stream_class(stream_id, self, is_initiator)
+        self.streams[stream_id] = stream
+        self.stream_buffers[stream_id] = ChunkBuffer()  # type: ignore[assignment]
+        self.stream_events[stream_id] = trio.Event()
+        return stream
+
+    def _unregister(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        self.stream_buffers.pop(stream_id, None)
+        self.stream_events.pop(stream_id, None)
+
+    async def open_stream(self) -> FlowYamuxStream:
+        await self.stream_backlog_semaphore.acquire()
+        if self.event_shutting_down.is_set():
+            self.stream_backlog_semaphore.release()
+            raise MuxedStreamError("Connection is shutting down")
+        stream_id = self.next_stream_id
+        self.next_stream_id += 2
+        stream = self._register(stream_id, True)
+        stream._owns_backlog_slot = True
+        syn = _HEADER.pack(
+            0, TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, RECEIVE_WINDOW - DEFAULT_WINDOW_SIZE
+        )
+        try:
+            await self._write_frame(syn)
+        except Exception as error:
+            stream._backlog_slot_released = True
+            self.stream_backlog_semaphore.release()
+            self._unregister(stream_id)
+            raise MuxedStreamError(f"Failed to send SYN: {error}") from error
+        return stream
+
+    # -- frame reader --------------------------------------------------------
+
+    async def handle_incoming(self) -> None:
+        session = self.secured_conn
+        read_exact = getattr(session, "read_exact", None)
+        buffered = getattr(session, "plaintext_buffered", None)
+        if read_exact is None or buffered is None:
+            async def read_exact(n: int) -> bytes:
+                return await read_exactly(session, n)
+
+            def buffered() -> int:
+                return 0
+
+        try:
+            while not self.event_shutting_down.is_set():
+                header = await read_exact(HEADER_SIZE)
+                version, typ, flags, stream_id, length = _HEADER.unpack(header)
+                if version != 0:
+                    raise MuxedStreamError(f"unsupported yamux version {version}")
+                if typ == TYPE_DATA or typ == TYPE_WINDOW_UPDATE:
+                    body: bytes | memoryview = b""
+                    if typ == TYPE_DATA and length:
+                        if length > RECEIVE_WINDOW:
+                            raise MuxedStreamError(f"DATA frame of {length} B exceeds any window")
+                        if buffered() >= length:
+                            body = await read_exact(length)
+                        else:
+                            with trio.fail_after(BODY_READ_TIMEOUT):
+                                body = await read_exact(length)
+                    await self._on_stream_frame(typ, flags, stream_id, length, body)
+                elif typ == TYPE_PING:
+                    await self._on_ping(flags, length)
+                elif typ == TYPE_GO_AWAY:
+                    logger.debug("yamux: GO_AWAY (code %d) from %s", length, self.peer_id)
+                    break
+                else:
+                    raise MuxedStreamError(f"unknown yamux frame type {typ}")
+        except Exception as error:  # noqa: BLE001 - every failure ends the connection
+            if not self.event_shutting_down.is_set():
+                logger.debug("yamux: connection to %s ends: %r", self.peer_id, error)
+        await self._cleanup_on_error()
+
+    async def _on_stream_frame(
+        self, typ: int, flags: int, stream_id: int, length: int, body: bytes | memoryview
+    ) -> None:
+        accepted = None
+        if flags & FLAG_SYN:
+            if stream_id in self.streams:
+                rst = _HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0)
+                await self._write_frame(rst)
+                return
+            stream = accepted = self._register(stream_id, False)
+        else:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                return  # late frame for a stream we already dropped
+        if typ == TYPE_DATA:
+            if body and not stream.recv_closed:
+                self.stream_buffers[stream_id].extend(body)
+                stream.recv_window -= len(body)
+                if stream.recv_window < 0:
+                    logger.warning(
+                        "yamux stream %d: peer exceeded its window by %d B",
+                        stream_id,
+                        -stream.recv_window,
+                    )
+                    stream.recv_window = 0
+                self.stream_events[stream_id].set()
+        elif length:
+            stream.send_window += length
+        if flags & FLAG_FIN:
+            stream.recv_closed = True
+            if stream.send_closed:
+                stream.closed = True
+            self.stream_events[stream_id].set()
+        if flags & FLAG_RST:
+            stream.closed = True
+            stream.reset_received = True
+            self.stream_events[stream_id].set()
+        if stream.closed:
+            self._finalize_stream_locked(stream, fully_closed=True)
+        if accepted is not None:
+            if not flags & FLAG_RST:
+                ack = _HEADER.pack(
+                    0,
+                    TYPE_WINDOW_UPDATE,
+                    FLAG_ACK,
+                    stream_id,
+                    RECEIVE_WINDOW - DEFAULT_WINDOW_SIZE,
+                )
+                await self._write_frame(ack)
+            await self.new_stream_send_channel.send(accepted)
+
+    async def _on_ping(self, flags: int, opaque: int) -> None:
+        if flags & FLAG_SYN:
+            await self._write_frame(_HEADER.pack(0, TYPE_PING, FLAG_ACK, 0, opaque))
+        elif flags & FLAG_ACK and opaque == self._ping_id:
+            sample = trio.current_time() - self._ping_sent_time
+            self._rtt = sample if self._rtt == 0.0 else (self._rtt + sample) / 2
+            self._ping_event.set()
+
+
+def install() -> None:
+    """Make muxer negotiation build ``FlowYamux`` for ``/yamux/1.0.0``."""
+    muxer_multistream.Yamux = FlowYamux

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run them: ./scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System tools for the NAT tests (network namespaces, iptables, conntrack); root only.
+if [ "$(id -u)" = 0 ] && ! { command -v iptables && command -v conntrack && command -v ip; } >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables conntrack iproute2 >/dev/null
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+exec .venv/bin/python -m pytest "$@"
