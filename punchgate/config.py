@@ -18,6 +18,7 @@ import multiaddr
 from punchgate import __version__
 from punchgate.specs import (
     ExposeSpec,
+    parse_interval,
     HostPort,
     SpecError,
     TunnelByNameSpec,
@@ -54,6 +55,8 @@ class Config:
     tunnels_by_name: tuple[TunnelByNameSpec, ...] = ()
     log_format: str = "console"
     log_level: str = "info"
+    mdns: bool = True
+    republish_interval: float = 300.0
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:
@@ -85,7 +88,10 @@ FLAGS = (
         "--tunnel-by-name", "PUNCHGATE_TUNNEL_BY_NAME", "ssh@127.0.0.1:2222", parse_tunnel_by_name, True
     ),
     _Flag("--log-format", "PUNCHGATE_LOG_FORMAT", "json", str, False),
+    _Flag("--republish-interval", "PUNCHGATE_REPUBLISH_INTERVAL", "300", parse_interval, False),
 )
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
 def _dest(flag: _Flag) -> str:
@@ -113,6 +119,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--tunnel": "forward local BIND_HOST:PORT to PEER_ID's SERVICE (repeatable)",
         "--tunnel-by-name": "forward local BIND_HOST:PORT to whoever provides SERVICE (repeatable)",
         "--log-format": "console (default) or json (one object per line)",
+        "--republish-interval": "seconds between re-announcements of exposed services (default 300)",
     }
     for flag in FLAGS:
         parser.add_argument(
@@ -122,6 +129,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
             metavar=flag.name.lstrip("-").upper().replace("-", "_"),
             help=helps[flag.name],
         )
+    parser.add_argument(
+        "--no-mdns", action="store_true", default=None, help="do not look for peers on the LAN with mDNS"
+    )
     parser.add_argument("--version", action="version", version=f"punchgate {__version__}")
     return parser
 
@@ -164,6 +174,11 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
     if log_level not in LOG_LEVELS:
         raise UsageError("PUNCHGATE_LOG", log_level, f"must be one of {', '.join(LOG_LEVELS)}", "debug")
 
+    no_mdns_env = env.get("PUNCHGATE_NO_MDNS", "").strip().lower()
+    if no_mdns_env not in TRUE_WORDS + FALSE_WORDS:
+        raise UsageError("PUNCHGATE_NO_MDNS", no_mdns_env, "must be true or false", "true")
+    mdns = not (args.no_mdns or no_mdns_env in TRUE_WORDS)
+
     listen = parsed["listen"] or [parse_listen_addr(a) for a in DEFAULT_LISTEN]
     config = Config(
         identity=parsed["identity"][0] if parsed["identity"] else Path("identity.key"),
@@ -174,6 +189,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         tunnels_by_name=tuple(parsed["tunnel_by_name"]),
         log_format=log_format,
         log_level=log_level,
+        mdns=mdns,
+        republish_interval=parsed["republish_interval"][0] if parsed["republish_interval"] else 300.0,
     )
     _check_unique(config)
     return config

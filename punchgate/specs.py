@@ -176,3 +176,13 @@ def transport_of(addr: multiaddr.Multiaddr) -> str | None:
     if names and names[-1] == "p2p":
         names = names[:-1]
     return _transport_of(names)
+
+
+def parse_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise SpecError(f"{text!r} is not a number of seconds") from None
+    if not 1 <= seconds <= 86400:
+        raise SpecError(f"{seconds:g} s is outside 1-86400 s")
+    return seconds

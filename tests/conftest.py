@@ -47,6 +47,7 @@ async def start_echo_server(nursery: trio.Nursery) -> int:
 
 async def start_node(nursery: trio.Nursery, **config: object) -> Node:
     config.setdefault("listen", (LOOPBACK_TCP,))
+    config.setdefault("mdns", False)  # tests that want the LAN say so
     node = Node(Config(**config), create_new_key_pair())
     with trio.fail_after(NODE_START_TIMEOUT):
         await nursery.start(node.run)

@@ -46,6 +46,14 @@ def test_every_flag_parses():
     assert (config.log_format, config.log_level) == ("json", "debug")
 
 
+def test_mdns_on_by_default_and_off_by_flag_or_variable():
+    assert parse_config([], {}).mdns is True
+    assert parse_config(["--no-mdns"], {}).mdns is False
+    assert parse_config([], {"PUNCHGATE_NO_MDNS": "true"}).mdns is False
+    assert parse_config([], {"PUNCHGATE_NO_MDNS": "0"}).mdns is True
+    assert parse_config(["--republish-interval", "60"], {}).republish_interval == 60.0
+
+
 def test_environment_lists_are_comma_separated_and_flags_win():
     env = {
         "PUNCHGATE_EXPOSE": "a=127.0.0.1:1, b=127.0.0.1:2",
@@ -77,6 +85,9 @@ def test_environment_lists_are_comma_separated_and_flags_win():
         (["--log-format", "xml"], {}, "--log-format"),
         ([], {"PUNCHGATE_LOG": "loud"}, "PUNCHGATE_LOG"),
         ([], {"PUNCHGATE_EXPOSE": "nope"}, "PUNCHGATE_EXPOSE"),
+        (["--republish-interval", "0"], {}, "--republish-interval"),
+        (["--republish-interval", "soon"], {}, "--republish-interval"),
+        ([], {"PUNCHGATE_NO_MDNS": "maybe"}, "PUNCHGATE_NO_MDNS"),
     ],
 )
 def test_bad_values_name_the_flag_and_give_an_example(argv, env, flag):

@@ -21,6 +21,8 @@ events = st.one_of(
     st.builds(ev.PeerConnected, PEERS),
     st.builds(ev.PeerDisconnected, PEERS),
     st.builds(ev.AddressesChanged, st.just(("/ip4/192.0.2.1/tcp/1",))),
+    st.builds(ev.PeerDiscovered, PEERS, st.just("mdns")),
+    st.builds(ev.RepublishDue),
     st.builds(ev.NatStatusObserved, st.sampled_from(list(NatStatus))),
     st.builds(ev.RelayReserved, PEERS),
     st.builds(ev.RelayReservationFailed, PEERS, st.just("no slot")),
@@ -68,7 +70,7 @@ def test_joining_until_a_bootstrap_peer_answers():
     assert outs[0][1:] == [cmd.DialBootstrap("boot1", 0.0), cmd.DialBootstrap("boot2", 0.0)]
     state, (commands,) = run(state, ev.BootstrapConnected("boot2"))
     assert state.phase is Phase.READY
-    assert commands == [cmd.PublishServices(("ssh",))]
+    assert commands == [cmd.JoinDht("boot2"), cmd.PublishServices(("ssh",))]
 
 
 def test_all_bootstrap_failed_once_means_ready_and_retrying_with_backoff():
@@ -100,7 +102,7 @@ def test_lost_bootstrap_peer_is_redialed_and_its_relay_slot_forgotten():
     assert cmd.DialBootstrap("boot1", 1.0) in commands
     assert state.relay.status is RelayStatus.IDLE
     state, (commands,) = run(state, ev.BootstrapConnected("boot1"))
-    assert commands == [cmd.ReserveRelay("boot1", 0.0)]
+    assert commands == [cmd.JoinDht("boot1"), cmd.ReserveRelay("boot1", 0.0)]
 
 
 def test_private_node_reserves_a_relay_slot_and_retries_after_refusal():
@@ -113,6 +115,22 @@ def test_private_node_reserves_a_relay_slot_and_retries_after_refusal():
     assert outs[-1] == [cmd.ReserveRelay("boot1", 0.0)]
     state, (commands,) = run(state, ev.RelayReservationFailed("boot1", "no slot"))
     assert commands == [cmd.ReserveRelay("boot1", 1.0)]
+
+
+def test_discovered_peers_join_the_dht_unless_already_connected():
+    state, (commands,) = run(NodeState.initial((), ()), ev.PeerDiscovered("other1", "mdns"))
+    assert commands == [cmd.JoinDht("other1")]
+    state, (_, commands) = run(state, ev.PeerConnected("other1"), ev.PeerDiscovered("other1", "mdns"))
+    assert commands == []
+
+
+def test_republish_timer_publishes_only_when_ready():
+    state = NodeState.initial(BOOT, ("ssh",))
+    _, (commands,) = run(state, ev.RepublishDue())
+    assert commands == []
+    state, _ = run(state, ev.ListenersReady(("a",)), ev.BootstrapConnected("boot1"))
+    _, (commands,) = run(state, ev.RepublishDue())
+    assert commands == [cmd.PublishServices(("ssh",))]
 
 
 def test_second_shutdown_request_stops_waiting():
@@ -145,7 +163,7 @@ def test_services_are_published_exactly_when_becoming_ready(state, event):
     new, commands = transition(state, event)
     published = any(isinstance(c, cmd.PublishServices) for c in commands)
     became_ready = state.phase is not Phase.READY and new.phase is Phase.READY
-    republish = isinstance(event, ev.AddressesChanged) and state.phase is Phase.READY
+    republish = isinstance(event, (ev.AddressesChanged, ev.RepublishDue)) and state.phase is Phase.READY
     assert published == (bool(state.services) and (became_ready or republish))
 
 
@@ -172,6 +190,8 @@ def test_commands_are_well_formed(state, event):
     _, commands = transition(state, event)
     known = {b.peer_id for b in state.bootstrap}
     for c in commands:
+        if isinstance(c, cmd.JoinDht):
+            assert c.peer_id in known or isinstance(event, ev.PeerDiscovered)
         if isinstance(c, (cmd.DialBootstrap, cmd.ReserveRelay)):
             peer = c.peer_id if isinstance(c, cmd.DialBootstrap) else c.relay_peer_id
             assert peer in known

@@ -1,18 +1,33 @@
 """Adjustments to py-libp2p 0.8.1 that punchgate depends on, applied by ``install()``.
 
 Each adjustment lives in its own module, whose docstring names the defect and
-the library file it addresses. ``install()`` rebinds library names to our
-subclasses; it never edits library source and is safe to call more than once.
-Call it before any host is built.
+the library file and lines it addresses. ``install()`` only rebinds library
+names to our subclasses, in one place each; it never edits library source, is
+idempotent, and must run before the first host is built. The wire protocols
+(Noise, Yamux 1.0.0) are unchanged, so patched nodes interoperate with any
+other libp2p implementation, including unpatched py-libp2p.
 
 Defects fixed:
 
-- ``yamux``: ``libp2p/stream_muxer/yamux/yamux.py`` ``YamuxStream.write`` polls
-  every 10 ms for window space and gives up after a hard-coded 5 s, surfacing
-  ``StreamReset`` locally while the peer's reader hangs. Replaced by a writer
-  that waits on an event with no deadline (back-pressure blocks; callers bound
-  it with their own cancel scopes); peer reset/close and connection loss still
-  wake it.
+- ``yamux`` -- the 5-second reset. ``libp2p/stream_muxer/yamux/yamux.py``
+  ``YamuxStream.write`` (~229-292) polls every 10 ms for send-window space and
+  gives up after a hard-coded 5 s with an error surfaced as ``StreamReset``,
+  while the peer's reader hangs. ``BackpressureYamuxStream`` waits on an event
+  with no deadline (back-pressure blocks; callers bound it with their own
+  cancel scopes) and is woken by window updates, peer FIN/RST, local
+  close/reset and connection loss. Bound to ``yamux.YamuxStream``.
+- ``yamux_flow`` -- Yamux throughput and latency (same file): frames one byte
+  too big for a Noise message, a 256 KiB start window with an update per read,
+  a per-frame lock/timeout/copy-heavy reader. ``FlowYamux`` sizes frames to one
+  Noise message, announces a 16 MiB window at stream open and credits it every
+  half window, writes in bounded 4-frame batches, and reads frame bodies as
+  zero-copy views. Bound to ``muxer_multistream.Yamux``.
+- ``noise`` -- Noise transport overhead (``libp2p/io/msgio.py``,
+  ``libp2p/security/noise/io.py``, ``libp2p/security/secure_session.py``): two
+  socket reads and several copies per message, one socket write per message.
+  ``NoiseSession`` reads into a persistent buffer, decrypts from memoryviews and
+  writes a batch of messages, encrypted in place, with one socket write. Bound
+  to ``noise.patterns.SecureSession``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,8 @@ from libp2p.security.secure_session import SecureSession
 from noise.constants import MAX_NONCE
 from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
+from punchgate.libp2p_fixes._locks import InnerLock
+
 MAX_PLAINTEXT = MAX_PLAINTEXT_LENGTH  # 65,519 B: 65,535 minus the 16 B tag
 _LENGTH = struct.Struct("!H")
 _MAX_MESSAGE = 0xFFFF
@@ -86,7 +88,7 @@ class NoiseSession(SecureSession):
         self._plain: deque[memoryview] = deque()  # decrypted, not yet consumed
         self._plain_offset = 0  # consumed bytes of _plain[0]
         self._plain_size = 0  # unconsumed bytes in _plain
-        self._send_lock = trio.Lock()
+        self._send_lock = InnerLock()  # always taken inside FlowYamux's write lock
         self._wview = memoryview(bytearray(SEND_BUFFER_SIZE))
         self._scratch = memoryview(bytearray(MAX_PLAINTEXT))
         # cryptography >= 45 can encrypt into our buffer; older versions allocate.

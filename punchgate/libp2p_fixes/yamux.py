@@ -38,6 +38,8 @@ from libp2p.stream_muxer.yamux.yamux import (
     YamuxStream,
 )
 
+from punchgate.libp2p_fixes._locks import InnerLock
+
 _DATA_HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 
 
@@ -70,7 +72,7 @@ class BackpressureYamuxStream(YamuxStream):
     def __init__(self, stream_id: int, conn: Any, is_initiator: bool) -> None:
         # Must exist before the base __init__ assigns the watched fields.
         self._writer_wakeup = trio.Event()
-        self._writer_lock = trio.Lock()
+        self._writer_lock = InnerLock()  # the connection's write lock yields
         super().__init__(stream_id, conn, is_initiator)
 
     def _wake_writer(self) -> None:

@@ -48,6 +48,7 @@ from collections import deque
 from typing import Any
 
 import trio
+from libp2p.io.exceptions import IOException
 from libp2p.io.utils import read_exactly
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.exceptions import (
@@ -81,6 +82,8 @@ RECEIVE_WINDOW = 16 * 1024 * 1024
 WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
 WRITE_BATCH_FRAMES = 4
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
+# Ways the transport reports that the connection is over (logged quietly).
+_CONNECTION_GONE = (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class ChunkBuffer:
@@ -266,6 +269,7 @@ class FlowYamux(Yamux):
         read_exact = getattr(session, "read_exact", None)
         buffered = getattr(session, "plaintext_buffered", None)
         if read_exact is None or buffered is None:
+
             async def read_exact(n: int) -> bytes:
                 return await read_exactly(session, n)
 
@@ -296,9 +300,11 @@ class FlowYamux(Yamux):
                     break
                 else:
                     raise MuxedStreamError(f"unknown yamux frame type {typ}")
+        except _CONNECTION_GONE as error:
+            logger.debug("yamux: connection to %s ends: %r", self.peer_id, error)
         except Exception as error:  # noqa: BLE001 - every failure ends the connection
-            if not self.event_shutting_down.is_set():
-                logger.debug("yamux: connection to %s ends: %r", self.peer_id, error)
+            level = logging.DEBUG if self.event_shutting_down.is_set() else logging.WARNING
+            logger.log(level, "yamux: closing connection to %s: %r", self.peer_id, error)
         await self._cleanup_on_error()
 
     async def _on_stream_frame(
@@ -317,6 +323,9 @@ class FlowYamux(Yamux):
                 return  # late frame for a stream we already dropped
         if typ == TYPE_DATA:
             if body and not stream.recv_closed:
+                if isinstance(body, memoryview) and 2 * len(body) < len(body.obj):
+                    # A small body would pin its whole decrypted message while queued.
+                    body = bytes(body)
                 self.stream_buffers[stream_id].extend(body)
                 stream.recv_window -= len(body)
                 if stream.recv_window < 0:

@@ -29,6 +29,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from punchgate import libp2p_fixes
+from punchgate.runtime.addresses import AddressBook
 from punchgate.specs import transport_of
 
 DIAL_TIMEOUT = 10.0
@@ -40,7 +41,11 @@ class NoRouteError(Exception):
     """No usable connection to a peer could be had."""
 
 
-def build_host(key_pair: KeyPair, listen_addrs: Sequence[multiaddr.Multiaddr]) -> IHost:
+def build_host(
+    key_pair: KeyPair,
+    listen_addrs: Sequence[multiaddr.Multiaddr],
+    address_book: AddressBook | None = None,
+) -> IHost:
     libp2p_fixes.install()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     wants_quic = any(transport_of(a) == "quic" for a in listen_addrs)
@@ -50,6 +55,7 @@ def build_host(key_pair: KeyPair, listen_addrs: Sequence[multiaddr.Multiaddr]) -
         sec_opt={NOISE_PROTOCOL_ID: noise},
         enable_quic=wants_quic,
         negotiate_timeout=NEGOTIATE_TIMEOUT,
+        addrs_factory=address_book if address_book is not None else AddressBook(),
     )
 
 

@@ -31,6 +31,10 @@ from punchgate.config import Config
 from punchgate.logs import get_logger
 from punchgate.runtime.host import DIAL_TIMEOUT, PEERSTORE_TTL, build_host, connection_transport
 from punchgate.runtime.pinger import Pinger
+from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.discovery import Discovery, service_key
+from punchgate.runtime.mdns import MdnsDiscovery
+from punchgate.runtime.providers import FixedPeer, ProviderPool
 from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.tunnel_client import TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
@@ -45,7 +49,8 @@ log = get_logger("punchgate.node")
 class Node:
     def __init__(self, config: Config, key_pair: KeyPair) -> None:
         self.config = config
-        self.host: IHost = build_host(key_pair, config.listen)
+        self.address_book = AddressBook()
+        self.host: IHost = build_host(key_pair, config.listen, self.address_book)
         self.peer_id = self.host.get_id()
         self.registry = SessionRegistry()
         self.bootstrap_addrs = _group_by_peer(config.bootstrap)
@@ -58,10 +63,17 @@ class Node:
         self._stopped = False
         self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
         self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
+        self.discovery = Discovery(self.host)
+        self.providers = ProviderPool(self._lookup_providers)
         self.clients = [
-            TunnelClient(self.host, t.service, t.bind, _fixed_peer(t.peer_id), self.registry, self.post)
+            TunnelClient(self.host, t.service, t.bind, FixedPeer(t.peer_id), self.registry, self.post)
             for t in config.tunnels
+        ] + [
+            TunnelClient(self.host, t.service, t.bind, self.providers, self.registry, self.post)
+            for t in config.tunnels_by_name
         ]
+        self._publishing = False
+        self._publish_again = False
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
 
     def post(self, event: ev.Event) -> None:
@@ -81,8 +93,12 @@ class Node:
                 self._nursery = nursery
                 self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.service.handle_stream)
                 self.host.get_network().register_notifee(_ConnectionEvents(self.post))
+                await nursery.start(self.discovery.run)
+                if self.config.mdns:
+                    nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(Pinger(self.host).run)
+                nursery.start_soon(self._republish_timer)
                 addresses = tuple(str(a) for a in self.host.get_addrs())
                 for address in addresses:
                     log.info("listening on", address=address)
@@ -119,8 +135,14 @@ class Node:
                     self._nursery.start_soon(self._dial_bootstrap, peer_id, delay)
             case cmd.StartTunnelListeners():
                 self._nursery.start_soon(self._serve_tunnels, self._nursery)
+            case cmd.JoinDht(peer_id=peer_id):
+                self._nursery.start_soon(self._join_dht, peer_id)
             case cmd.PublishServices(names=names):
-                log.info("services exposed", services=list(names))
+                if self._publishing:
+                    self._publish_again = True  # one run at a time; the latest request wins
+                else:
+                    self._publishing = True
+                    self._nursery.start_soon(self._publish, names)
             case cmd.ReserveRelay(relay_peer_id=relay):
                 log.warning("relay reservation not supported by this runtime", relay=relay)
             case cmd.StopTunnelListeners():
@@ -154,6 +176,49 @@ class Node:
         log.info("bootstrap connected", peer=peer_id)
         self.post(ev.BootstrapConnected(peer_id))
 
+    async def _join_dht(self, peer_id: str) -> None:
+        pid = ID.from_base58(peer_id)
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                if not self.host.get_network().get_connections(pid):
+                    await self.host.connect(PeerInfo(pid, self.host.get_peerstore().addrs(pid)))
+            size = await self.discovery.join(pid)
+        except Exception as exc:  # unreachable peer, DHT errors
+            log.info("dht join failed", peer=peer_id, reason=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("dht joined", peer=peer_id, routing_table_size=size)
+
+    async def _publish(self, names: tuple[str, ...]) -> None:
+        try:
+            while True:
+                self._publish_again = False
+                for name in names:
+                    started = trio.current_time()
+                    ok = await self.discovery.publish(name)
+                    log.info(
+                        "service published" if ok else "service publication failed",
+                        service=name,
+                        key=service_key(name),
+                        addresses=[str(a) for a in self.host.get_addrs()],
+                        duration_ms=round((trio.current_time() - started) * 1000, 1),
+                    )
+                if not self._publish_again:
+                    return
+        finally:
+            self._publishing = False
+
+    async def _republish_timer(self) -> None:
+        while True:
+            await trio.sleep(self.config.republish_interval)
+            self.post(ev.RepublishDue())
+
+    async def _lookup_providers(self, service: str) -> list[ID]:
+        return [info.peer_id for info in await self.discovery.find(service)]
+
+    def _on_mdns_peer(self, info: PeerInfo) -> None:
+        log.info("peer discovered", peer=str(info.peer_id), source="mdns", addresses=[str(a) for a in info.addrs])
+        self.post(ev.PeerDiscovered(str(info.peer_id), "mdns"))
+
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -172,15 +237,6 @@ def _group_by_peer(addrs: tuple[multiaddr.Multiaddr, ...]) -> dict[str, list[mul
         peer_id = addr.value_for_protocol("p2p")
         grouped.setdefault(peer_id, []).append(addr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}")))
     return grouped
-
-
-def _fixed_peer(peer_id: str):
-    pid = ID.from_base58(peer_id)
-
-    async def find(service: str) -> list[ID]:
-        return [pid]
-
-    return find
 
 
 class _ConnectionEvents(INotifee):

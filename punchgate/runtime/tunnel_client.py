@@ -9,7 +9,7 @@ refusal or any failure closes the local connection at once and says why in the l
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import IHost
@@ -19,6 +19,7 @@ from punchgate.logs import get_logger
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.host import open_stream
 from punchgate.runtime.pipe import PipeResult, pipe
+from punchgate.runtime.providers import PeerFinder
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.specs import HostPort
 from punchgate.state import events as ev
@@ -26,24 +27,20 @@ from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
 
 log = get_logger("punchgate.tunnel")
 
-# Given the service name, return the peers to try, best first.
-PeerFinder = Callable[[str], Awaitable[list[ID]]]
-
-
 class TunnelClient:
     def __init__(
         self,
         host: IHost,
         service: str,
         bind: HostPort,
-        find_peers: PeerFinder,
+        finder: PeerFinder,
         registry: SessionRegistry,
         post: Callable[[ev.Event], None],
     ) -> None:
         self.host = host
         self.service = service
         self.bind = bind
-        self.find_peers = find_peers
+        self.finder = finder
         self.registry = registry
         self.post = post
         self.listeners: list[trio.SocketListener] = []
@@ -73,20 +70,23 @@ class TunnelClient:
     async def _run_session(self, local: trio.SocketStream) -> None:
         fields = {"service": self.service, "bind": str(self.bind)}
         started = time.monotonic()
-        candidates = await self.find_peers(self.service)
-        if not candidates:
-            log.warning("client tunnel error", **fields, reason="no peer provides this service")
-            return
-        errors = []
-        for peer_id in candidates:
-            try:
-                stream = await open_stream(self.host, peer_id, PROTOCOL_ID)
-            except Exception as exc:  # dial, negotiation and swarm errors of many types
-                errors.append(f"{peer_id}: {exc}")
-                continue
-            await self._handshake_and_pipe(local, stream, str(peer_id), fields, started)
-            return
-        log.warning("client tunnel error", **fields, reason="; ".join(errors))
+        tried: set[ID] = set()
+        errors: list[str] = []
+        # Two rounds: the known candidates, then (if all failed) a fresh lookup's new ones.
+        for refresh in (False, True):
+            candidates = [p for p in await self.finder.candidates(self.service, refresh) if p not in tried]
+            for peer_id in candidates:
+                tried.add(peer_id)
+                try:
+                    stream = await open_stream(self.host, peer_id, PROTOCOL_ID)
+                except Exception as exc:  # dial, negotiation and swarm errors of many types
+                    errors.append(f"{peer_id}: {exc}")
+                    self.finder.failed(self.service, peer_id)
+                    continue
+                await self._handshake_and_pipe(local, stream, str(peer_id), fields, started)
+                return
+        reason = "; ".join(errors) if errors else "no peer provides this service (will look again)"
+        log.warning("client tunnel error", **fields, reason=reason)
 
     async def _handshake_and_pipe(self, local, stream, peer: str, fields: dict, started: float) -> None:
         try:

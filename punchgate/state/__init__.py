@@ -21,8 +21,9 @@ The state (:class:`NodeState`) is a product of independent dimensions:
   them within a grace period.
 * bookkeeping: bootstrap peers (connected, failures) and connected peers.
 
-Exposed services are published exactly when the node becomes READY, and again when
-its reachable addresses change while READY. Delays are data: a command that must wait
+Exposed services are published exactly when the node becomes READY, and again while
+READY when the republish timer fires or its reachable addresses change. Every bootstrap
+peer reached and every peer discovered (mDNS) is joined to the DHT. Delays are data: a command that must wait
 (a retry, a backoff) carries its ``delay`` and the runtime does the waiting.
 """
 

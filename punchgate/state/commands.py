@@ -14,6 +14,13 @@ class DialBootstrap:
 
 
 @dataclass(frozen=True)
+class JoinDht:
+    """Connect to ``peer_id`` if need be and add it to the DHT routing table."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True)
 class StartTunnelListeners:
     """Begin accepting local client connections on every configured tunnel."""
 
@@ -48,6 +55,7 @@ class StopHost:
 
 Command = (
     DialBootstrap
+    | JoinDht
     | StartTunnelListeners
     | PublishServices
     | ReserveRelay

@@ -36,6 +36,19 @@ class PeerDisconnected:
 
 
 @dataclass(frozen=True)
+class PeerDiscovered:
+    """A peer was found on the LAN (mDNS) or by another discovery mechanism."""
+
+    peer_id: str
+    source: str
+
+
+@dataclass(frozen=True)
+class RepublishDue:
+    """The periodic timer for re-announcing our services fired."""
+
+
+@dataclass(frozen=True)
 class AddressesChanged:
     """The set of addresses other peers can reach us at changed."""
 
@@ -86,6 +99,8 @@ Event = (
     | BootstrapFailed
     | PeerConnected
     | PeerDisconnected
+    | PeerDiscovered
+    | RepublishDue
     | AddressesChanged
     | NatStatusObserved
     | RelayReserved

@@ -16,6 +16,7 @@ from punchgate.state.commands import (
     CloseTunnelSessions,
     Command,
     DialBootstrap,
+    JoinDht,
     PublishServices,
     ReserveRelay,
     StartTunnelListeners,
@@ -84,9 +85,10 @@ def _on_bootstrap_connected(state: NodeState, event: ev.BootstrapConnected) -> R
     if peer is None:
         return state, []
     state = state.with_bootstrap(replace(peer, connected=True, failures=0))
-    commands: list[Command] = []
+    commands: list[Command] = [JoinDht(peer.peer_id)]
     if state.phase is Phase.JOINING:
-        state, commands = _become_ready(state)
+        state, more = _become_ready(state)
+        commands += more
     state, relay_commands = _relay_commands(state)
     return state, commands + relay_commands
 
@@ -121,7 +123,13 @@ def _on_peer_disconnected(state: NodeState, event: ev.PeerDisconnected) -> Resul
     return state, commands
 
 
-def _on_addresses_changed(state: NodeState, event: ev.AddressesChanged) -> Result:
+def _on_peer_discovered(state: NodeState, event: ev.PeerDiscovered) -> Result:
+    if event.peer_id in state.connected_peers:
+        return state, []
+    return state, [JoinDht(event.peer_id)]
+
+
+def _republish(state: NodeState, event: ev.AddressesChanged | ev.RepublishDue) -> Result:
     if state.phase is Phase.READY and state.services:
         return state, [PublishServices(state.services)]
     return state, []
@@ -175,7 +183,9 @@ _HANDLERS: dict[type, Callable[[NodeState, Any], Result]] = {
     ev.BootstrapFailed: _on_bootstrap_failed,
     ev.PeerConnected: _on_peer_connected,
     ev.PeerDisconnected: _on_peer_disconnected,
-    ev.AddressesChanged: _on_addresses_changed,
+    ev.PeerDiscovered: _on_peer_discovered,
+    ev.RepublishDue: _republish,
+    ev.AddressesChanged: _republish,
     ev.NatStatusObserved: _on_nat_status,
     ev.RelayReserved: _on_relay_reserved,
     ev.RelayReservationFailed: _on_relay_failed,
