@@ -281,17 +281,17 @@ async def test_parked_writer_is_bounded_by_callers_cancel_scope():
 def frame_log(conn) -> list[tuple[int, int, int, int]]:
     """Record (type, flags, stream id, length) of every frame ``conn`` sends."""
     log: list = []
-    write_frame, write_frames = conn._write_frame, conn._write_frames
+    write_frame, send_frames = conn._write_frame, conn._send_frames
 
     async def _write_frame(data):
         log.append(HEADER.unpack(bytes(data[:12]))[1:])
         await write_frame(data)
 
-    async def _write_frames(frames):
+    async def _send_frames(frames):
         log.extend(HEADER.unpack(header)[1:] for header, _ in frames)
-        await write_frames(frames)
+        await send_frames(frames)
 
-    conn._write_frame, conn._write_frames = _write_frame, _write_frames
+    conn._write_frame, conn._send_frames = _write_frame, _send_frames
     return log
 
 
@@ -376,6 +376,35 @@ async def test_streams_announce_16_mib_window_and_credit_every_half_window():
     # 40 MiB through a 16 MiB window needs >= 24 MiB of credit, given 8 MiB at a time.
     assert 3 <= len(updates) <= 5, updates
     assert all(length >= WINDOW // 2 for _, _, _, length in updates), updates
+
+
+async def test_cancelled_reads_lose_neither_bytes_nor_window_credit():
+    total = 40 * MiB  # more than two windows: credit must keep flowing
+    payload = pattern(total)
+    got = bytearray()
+    done = trio.Event()
+    cancelled = 0
+
+    async def handler(stream) -> None:
+        nonlocal cancelled
+        try:
+            while True:
+                with trio.move_on_after(0.0002) as scope:  # callers' deadlines fire often
+                    got.extend(await stream.read(CHUNK))
+                cancelled += scope.cancelled_caught
+        except StreamEOF:
+            done.set()
+
+    async with host_pair() as (listener, dialer):
+        listener.set_stream_handler(PROTO, handler)
+        stream = await dialer.new_stream(listener.get_id(), [PROTO])
+        with trio.fail_after(30):
+            for offset in range(0, total, CHUNK):
+                await stream.write(payload[offset : offset + CHUNK])
+            await stream.close_write()
+            await done.wait()
+    assert cancelled > 0
+    assert len(got) == total and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
 async def test_200_concurrent_streams_echo_intact():

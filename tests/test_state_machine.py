@@ -61,16 +61,23 @@ def run(state, *evs):
 def test_node_without_bootstrap_is_ready_once_listening_and_publishes():
     state, (commands,) = run(NodeState.initial((), ("ssh",)), ev.ListenersReady(("a",)))
     assert state.phase is Phase.READY
-    assert commands == [cmd.StartTunnelListeners(), cmd.PublishServices(("ssh",))]
+    assert commands == [cmd.SetDhtMode(True), cmd.StartTunnelListeners(), cmd.PublishServices(("ssh",))]
 
 
 def test_joining_until_a_bootstrap_peer_answers():
     state, outs = run(NodeState.initial(BOOT, ("ssh",)), ev.ListenersReady(("a",)))
     assert state.phase is Phase.JOINING
-    assert outs[0][1:] == [cmd.DialBootstrap("boot1", 0.0), cmd.DialBootstrap("boot2", 0.0)]
+    assert outs[0] == [
+        cmd.SetDhtMode(False),
+        cmd.StartTunnelListeners(),
+        cmd.DialBootstrap("boot1", 0.0),
+        cmd.DialBootstrap("boot2", 0.0),
+    ]
     state, (commands,) = run(state, ev.BootstrapConnected("boot2"))
     assert state.phase is Phase.READY
-    assert commands == [cmd.JoinDht("boot2"), cmd.PublishServices(("ssh",))]
+    assert commands == [cmd.JoinDht("boot2"), cmd.PublishServices(("ssh",)), cmd.CheckReachability("boot2", 0.0)]
+    state, (commands,) = run(state, ev.BootstrapConnected("boot1"))
+    assert commands == [cmd.JoinDht("boot1")]  # one reachability check at a time
 
 
 def test_all_bootstrap_failed_once_means_ready_and_retrying_with_backoff():
@@ -99,7 +106,7 @@ def test_lost_bootstrap_peer_is_redialed_and_its_relay_slot_forgotten():
     )
     assert state.relay.status is RelayStatus.RESERVED
     state, (commands,) = run(state, ev.PeerDisconnected("boot1"))
-    assert cmd.DialBootstrap("boot1", 1.0) in commands
+    assert commands == [cmd.DialBootstrap("boot1", 1.0), cmd.DropRelay("boot1")]
     assert state.relay.status is RelayStatus.IDLE
     state, (commands,) = run(state, ev.BootstrapConnected("boot1"))
     assert commands == [cmd.JoinDht("boot1"), cmd.ReserveRelay("boot1", 0.0)]
@@ -112,7 +119,7 @@ def test_private_node_reserves_a_relay_slot_and_retries_after_refusal():
         ev.BootstrapConnected("boot1"),
         ev.NatStatusObserved(NatStatus.PRIVATE),
     )
-    assert outs[-1] == [cmd.ReserveRelay("boot1", 0.0)]
+    assert outs[-1] == [cmd.SetDhtMode(False), cmd.ReserveRelay("boot1", 0.0)]
     state, (commands,) = run(state, ev.RelayReservationFailed("boot1", "no slot"))
     assert commands == [cmd.ReserveRelay("boot1", 1.0)]
 
@@ -131,6 +138,15 @@ def test_republish_timer_publishes_only_when_ready():
     state, _ = run(state, ev.ListenersReady(("a",)), ev.BootstrapConnected("boot1"))
     _, (commands,) = run(state, ev.RepublishDue())
     assert commands == [cmd.PublishServices(("ssh",))]
+
+
+def test_reachability_decides_dht_mode_and_failed_checks_are_retried():
+    state, _ = run(NodeState.initial(BOOT, ()), ev.ListenersReady(("a",)), ev.BootstrapConnected("boot1"))
+    assert state.nat_checking
+    public, (commands,) = run(state, ev.NatStatusObserved(NatStatus.PUBLIC))
+    assert commands == [cmd.SetDhtMode(True)] and public.relay.status is RelayStatus.IDLE
+    unknown, (commands,) = run(state, ev.NatStatusObserved(NatStatus.UNKNOWN))
+    assert commands == [cmd.CheckReachability("boot1", 30.0)] and unknown.nat_checking
 
 
 def test_second_shutdown_request_stops_waiting():
@@ -192,8 +208,8 @@ def test_commands_are_well_formed(state, event):
     for c in commands:
         if isinstance(c, cmd.JoinDht):
             assert c.peer_id in known or isinstance(event, ev.PeerDiscovered)
-        if isinstance(c, (cmd.DialBootstrap, cmd.ReserveRelay)):
-            peer = c.peer_id if isinstance(c, cmd.DialBootstrap) else c.relay_peer_id
+        if isinstance(c, (cmd.DialBootstrap, cmd.ReserveRelay, cmd.CheckReachability)):
+            peer = c.relay_peer_id if isinstance(c, cmd.ReserveRelay) else c.peer_id
             assert peer in known
             assert 0 <= c.delay <= BACKOFF_CAP
 

@@ -17,11 +17,18 @@ from pathlib import Path
 class PunchgateProcess:
     """A punchgate process with ``--log-format json``; every stderr line is kept."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> None:
+        """``wrapper`` is a prefix command that must exec the rest, keeping the process id:
+        ``["ip", "netns", "exec", "lab-hosta"]`` runs the node inside that network namespace,
+        and ``self.proc.pid`` is still the punchgate process itself."""
         full_env = {**os.environ, **(env or {})}
         full_env.pop("PUNCHGATE_LOG", None)
+        self.command = [*(wrapper or []), sys.executable, "-m", "punchgate", "--log-format", "json", *args]
+        self.started_at = time.time()  # wall clock, comparable with the events' "timestamp"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "punchgate", "--log-format", "json", *args],
+            self.command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -31,6 +38,7 @@ class PunchgateProcess:
         self.lines: list[str] = []
         self.stdout: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
+        self._ended = False  # the end of stderr (None) has been taken from the queue
         threading.Thread(target=self._pump, args=(self.proc.stderr, self._queue), daemon=True).start()
         threading.Thread(target=self._collect_stdout, daemon=True).start()
 
@@ -44,25 +52,59 @@ class PunchgateProcess:
         for line in self.proc.stdout:
             self.stdout.append(line)
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @staticmethod
+    def _parse(line: str) -> dict:
+        """One log line as an event; a line that is not a JSON object (e.g. an error from a
+        wrapper command before it could exec) becomes ``{"event": None, "raw": line}``."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return {"event": None, "raw": line}
+        return event if isinstance(event, dict) else {"event": None, "raw": line}
+
     def events(self) -> list[dict]:
-        return [json.loads(line) for line in self.lines]
+        return [self._parse(line) for line in self.lines]
+
+    def log_text(self, last: int | None = None) -> str:
+        """The stderr lines received so far (taking what is already queued), for messages."""
+        while not self._ended and (line := self._next_line(0)) is not None:
+            self.lines.append(line)
+        lines = self.lines if last is None else self.lines[-last:]
+        return "\n".join(lines)
+
+    def _next_line(self, timeout: float) -> str | None:
+        """The next stderr line, or None once stderr has ended or nothing came within ``timeout``."""
+        if self._ended:
+            return None
+        try:
+            line = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if line is None:
+            self._ended = True
+        return line
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 30.0) -> dict:
         """The first logged event (seen before or arriving within ``timeout``) matching ``predicate``."""
         for line in self.lines:
-            event = json.loads(line)
+            event = self._parse(line)
             if predicate(event):
                 return event
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
+            line = self._next_line(left)
             if line is None:
-                raise AssertionError(f"process exited ({self.proc.poll()}) first; log:\n" + "\n".join(self.lines))
+                if self._ended:
+                    raise AssertionError(
+                        f"process exited ({self.proc.poll()}) first; log:\n" + "\n".join(self.lines)
+                    )
+                break
             self.lines.append(line)
-            event = json.loads(line)
+            event = self._parse(line)
             if predicate(event):
                 return event
         raise AssertionError("no matching log event in time; log:\n" + "\n".join(self.lines))
@@ -74,8 +116,14 @@ class PunchgateProcess:
 
     def drain(self) -> None:
         """Collect the remaining lines after the process has exited."""
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
+        deadline = time.monotonic() + 10
+        while not self._ended:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise queue.Empty  # as before: stderr did not end within 10 s
+            line = self._next_line(left)
+            if line is not None:
+                self.lines.append(line)
 
     def tcp_address(self) -> str:
         event = self.wait_for(lambda e: e.get("event") == "listening on" and "/tcp/" in e["address"])

@@ -28,11 +28,18 @@ Defects fixed:
   ``NoiseSession`` reads into a persistent buffer, decrypts from memoryviews and
   writes a batch of messages, encrypted in place, with one socket write. Bound
   to ``noise.patterns.SecureSession``.
+- ``host_addrs`` -- ``BasicHost.get_addrs`` turns a relay circuit address into
+  the relay's socket labelled with our peer ID. Bound to ``BasicHost.get_addrs``.
+- ``kad_dht`` -- the DHT admits client-mode peers to its routing table, so
+  lookups stall on unreachable peers. ``ServerOnlyKadDHT`` (used by discovery).
+- ``dcutr`` -- hole punching dials hopeless addresses first, can hang when QUIC
+  addresses are known, and closes relayed connections under live streams.
+  ``BoundedDCUtR`` (used by the hole-punch runtime).
 """
 
 from __future__ import annotations
 
-from punchgate.libp2p_fixes import noise, yamux, yamux_flow
+from punchgate.libp2p_fixes import host_addrs, noise, yamux, yamux_flow
 
 _installed = False
 
@@ -45,6 +52,7 @@ def install() -> None:
     yamux.install()
     yamux_flow.install()
     noise.install()
+    host_addrs.install()
     _installed = True
 
 

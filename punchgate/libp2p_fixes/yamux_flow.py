@@ -80,7 +80,7 @@ _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one Noise message
 RECEIVE_WINDOW = 16 * 1024 * 1024
 WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
-WRITE_BATCH_FRAMES = 4
+WRITE_BATCH = 4  # frames per connection-lock hold (~256 KiB)
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
 # Ways the transport reports that the connection is over (logged quietly).
 _CONNECTION_GONE = (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -156,17 +156,23 @@ class FlowYamuxStream(BackpressureYamuxStream):
         view = memoryview(data).cast("B")
         total = len(view)
         sent = 0
+        conn = self.conn
         async with self._writer_lock:
             while sent < total:
                 await self._wait_for_send_window()
-                frames = []
-                while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH_FRAMES:
-                    size = min(self.send_window, FRAME_PAYLOAD, total - sent)
-                    self.send_window -= size
-                    header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
-                    frames.append((header, view[sent : sent + size]))
-                    sent += size
-                await self.conn._write_frames(frames)
+                # Take the window only once the connection is ours: a cancel while
+                # waiting for the lock then loses no credit. The lock is a trio.Lock,
+                # so each batch is a checkpoint and streams take turns.
+                async with conn._write_lock:
+                    self._check_writable()
+                    frames = []
+                    while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH:
+                        size = min(self.send_window, FRAME_PAYLOAD, total - sent)
+                        self.send_window -= size
+                        header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
+                        frames.append((header, view[sent : sent + size]))
+                        sent += size
+                    await conn._send_frames(frames)
 
     async def read(self, n: int | None = -1) -> bytes:
         if n is None:
@@ -177,11 +183,12 @@ class FlowYamuxStream(BackpressureYamuxStream):
         while True:
             buffer = conn.stream_buffers.get(self.stream_id)
             if buffer:
+                # Nothing below awaits: a cancelled read never loses taken bytes.
                 data = buffer.take(n)
                 if self.closed and not buffer:
-                    await conn._finalize_stream(self, fully_closed=True)
+                    conn._finalize_stream_locked(self, fully_closed=True)
                 else:
-                    await self._credit_peer(len(data))
+                    self._credit_peer(len(data))
                 return data
             if self.reset_received:
                 raise MuxedStreamReset("Stream was reset")
@@ -196,18 +203,14 @@ class FlowYamuxStream(BackpressureYamuxStream):
             if conn.stream_events.get(self.stream_id) is event:
                 conn.stream_events[self.stream_id] = trio.Event()
 
-    async def _credit_peer(self, consumed: int) -> None:
+    def _credit_peer(self, consumed: int) -> None:
         """Grant consumed bytes back to the peer, but only half a window at a time."""
         self._uncredited += consumed
         if self._uncredited < WINDOW_UPDATE_THRESHOLD or self.recv_closed:
             return
         increment, self._uncredited = self._uncredited, 0
         self.recv_window += increment
-        header = _HEADER.pack(0, TYPE_WINDOW_UPDATE, 0, self.stream_id, increment)
-        try:
-            await self.conn._write_frame(header)
-        except Exception as error:  # noqa: BLE001 - the data was read; the next read reports a dead conn
-            logger.debug("stream %d: window update not sent: %r", self.stream_id, error)
+        self.conn._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, 0, self.stream_id, increment))
 
 
 class FlowYamux(Yamux):
@@ -219,15 +222,29 @@ class FlowYamux(Yamux):
         async with self._write_lock:
             await self.secured_conn.write(data)
 
-    async def _write_frames(self, frames: list[tuple[bytes, memoryview]]) -> None:
-        """One batch of (header, payload) frames, one secure-session call that
-        makes each frame one Noise message."""
+    async def _send_frames(self, frames: list[tuple[bytes, memoryview]]) -> None:
+        """Send a batch of (header, payload) frames in one secure-session call
+        that makes each frame one Noise message. Caller holds ``_write_lock``."""
         write_many = getattr(self.secured_conn, "write_many", None)
-        async with self._write_lock:
-            if write_many is not None:
-                await write_many(frames)
-            else:
-                await self.secured_conn.write(b"".join(b"".join(frame) for frame in frames))
+        if write_many is not None:
+            await write_many(frames)
+        else:
+            await self.secured_conn.write(b"".join(b"".join(frame) for frame in frames))
+
+    def _send_soon(self, frame: bytes) -> None:
+        """Send a control frame from a task of the connection, without waiting."""
+        if self._nursery is None or self.event_shutting_down.is_set():
+            return
+        try:
+            self._nursery.start_soon(self._send_quietly, frame)
+        except RuntimeError:
+            pass  # the connection's nursery is closing: nothing to credit any more
+
+    async def _send_quietly(self, frame: bytes) -> None:
+        try:
+            await self._write_frame(frame)
+        except Exception as error:  # noqa: BLE001 - a dead connection is reported to readers
+            logger.debug("yamux: control frame to %s not sent: %r", self.peer_id, error)
 
     def _register(self, stream_id: int, is_initiator: bool) -> FlowYamuxStream:
         stream = self.stream_class(stream_id, self, is_initiator)

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import trio
 from libp2p.abc import IHost
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
+from punchgate.libp2p_fixes.kad_dht import ServerOnlyKadDHT
 from punchgate.logs import get_logger
 from punchgate.runtime.host import PEERSTORE_TTL
 
 LOOKUP_TIMEOUT = 15.0
 PUBLISH_TIMEOUT = 30.0
+IDENTIFY_WAIT = 5.0  # how long join() waits for identify to tell whether a peer serves the DHT
 
 log = get_logger("punchgate.discovery")
 
@@ -37,16 +39,25 @@ class Discovery:
 
     def __init__(self, host: IHost) -> None:
         self.host = host
-        self.dht = KadDHT(host, DHTMode.SERVER)
+        self.dht = ServerOnlyKadDHT(host, DHTMode.CLIENT)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.dht):
             task_status.started()
             await trio.sleep_forever()
 
+    async def set_mode(self, server: bool) -> None:
+        mode = DHTMode.SERVER if server else DHTMode.CLIENT
+        if self.dht.mode != mode:
+            await self.dht.switch_mode(mode)
+            log.info("dht mode", mode=mode.name.lower())
+
     async def join(self, peer_id: ID) -> int:
-        """Add a connected peer to the routing table and refresh it; returns the table size."""
-        await self.dht.add_peer(peer_id, skip_server_mode_check=True)
+        """Add a connected DHT server to the routing table and refresh it; returns the table size."""
+        with trio.move_on_after(IDENTIFY_WAIT):
+            while not self.dht.serves_dht(peer_id):  # identify has not answered yet
+                await trio.sleep(0.05)
+        await self.dht.add_peer(peer_id)
         with trio.move_on_after(LOOKUP_TIMEOUT):
             await self.dht.refresh_routing_table()
         return self.dht.get_routing_table_size()

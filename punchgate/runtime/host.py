@@ -5,10 +5,11 @@ Decisions:
 * **Noise is the only security protocol.** py-libp2p's default host also accepts
   ``/plaintext/2.0.0``, secio and TLS; a plaintext dialer would get an unencrypted
   session. We pass Noise alone, so negotiation with anything else fails.
-* **Tunnel streams ride TCP connections.** py-libp2p 0.8.1's QUIC drops data past its
-  2 MiB receive buffer and kills streams idle for 30 s, so QUIC stays available for
-  what is safe (identify, ping, discovery) while :func:`open_stream` picks a TCP
-  connection for tunnels, dialing the peer's TCP addresses when none exists.
+* **Tunnel streams ride TCP connections** (direct, or relayed over TCP). py-libp2p
+  0.8.1's QUIC drops data past its 2 MiB receive buffer and kills streams idle for
+  30 s, so QUIC stays available for what is safe (identify, ping, discovery) while
+  tunnels open their streams with :func:`open_stream_on` on a connection chosen by
+  ``runtime/paths.py``, never on one the swarm picks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -27,6 +29,7 @@ from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.transport.quic.connection import QUICConnection
 
 from punchgate import libp2p_fixes
 from punchgate.runtime.addresses import AddressBook
@@ -59,49 +62,41 @@ def build_host(
     )
 
 
-def connection_transport(conn: INetConn) -> str | None:
-    """'tcp', 'quic' or 'relay' for a live connection, from its transport addresses."""
-    for addr in conn.get_transport_addresses():
-        names = [p.name for p in addr.protocols()]
-        if "p2p-circuit" in names:
-            return "relay"
-        if "quic-v1" in names or "quic" in names:
-            return "quic"
-        if "tcp" in names:
-            return "tcp"
-    return None
+def connection_transport(conn: INetConn) -> str:
+    """'relay', 'quic' or 'tcp' for a live connection."""
+    if conn.get_connection_type() is ConnectionType.RELAYED:
+        return "relay"
+    if isinstance(conn.muxed_conn, QUICConnection):
+        return "quic"
+    return "tcp"
 
 
-def tcp_connection(host: IHost, peer_id: ID) -> INetConn | None:
+def live_connection(host: IHost, peer_id: ID, kind: str) -> INetConn | None:
     for conn in host.get_network().get_connections(peer_id):
-        if not conn.is_closed and connection_transport(conn) == "tcp":
+        if not conn.is_closed and connection_transport(conn) == kind:
             return conn
     return None
 
 
-async def ensure_tcp_connection(host: IHost, peer_id: ID) -> INetConn:
-    """A TCP connection to ``peer_id``: an existing one, or a new dial of its TCP addresses."""
-    conn = tcp_connection(host, peer_id)
-    if conn is not None:
-        return conn
+async def dial_tcp(host: IHost, peer_id: ID, timeout: float = DIAL_TIMEOUT) -> INetConn:
+    """A new direct TCP connection to one of ``peer_id``'s known TCP addresses."""
     addrs = [a for a in host.get_peerstore().addrs(peer_id) if transport_of(a) == "tcp"]
     if not addrs:
         raise NoRouteError(f"no TCP address known for peer {peer_id}")
     errors = []
     for addr in addrs:
-        with trio.move_on_after(DIAL_TIMEOUT) as scope:
+        with trio.move_on_after(timeout) as scope:
             try:
                 return await host.get_network().dial_addr(addr, peer_id)
             except Exception as exc:  # the swarm raises several types for a failed dial
                 errors.append(f"{addr}: {exc}")
         if scope.cancelled_caught:
-            errors.append(f"{addr}: timed out after {DIAL_TIMEOUT:.0f}s")
-    raise NoRouteError(f"cannot reach peer {peer_id}: {'; '.join(errors)}")
+            errors.append(f"{addr}: timed out after {timeout:.0f}s")
+    raise NoRouteError(f"cannot reach peer {peer_id} directly: {'; '.join(errors)}")
 
 
-async def open_stream(host: IHost, peer_id: ID, protocol: str) -> INetStream:
-    """Open a stream for ``protocol`` on a TCP connection to ``peer_id``."""
-    conn = await ensure_tcp_connection(host, peer_id)
+async def open_stream_on(conn: INetConn, protocol: str) -> INetStream:
+    """Open a stream for ``protocol`` on this very connection (not one the swarm picks)."""
     stream = await conn.new_stream()
     try:
         communicator = MultiselectCommunicator(stream)

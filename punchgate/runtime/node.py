@@ -34,11 +34,16 @@ from punchgate.runtime.pinger import Pinger
 from punchgate.runtime.addresses import AddressBook
 from punchgate.runtime.discovery import Discovery, service_key
 from punchgate.runtime.mdns import MdnsDiscovery
+from punchgate.runtime.holepunch import HolePuncher
+from punchgate.runtime.paths import Paths
 from punchgate.runtime.providers import FixedPeer, ProviderPool
+from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
+from punchgate.runtime.reachability import DialbackServer, check_reachability
+from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.tunnel_client import TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
-from punchgate.state import NodeState, Phase, transition
+from punchgate.state import NatStatus, NodeState, Phase, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.wire import PROTOCOL_ID
@@ -65,11 +70,15 @@ class Node:
         self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
         self.discovery = Discovery(self.host)
         self.providers = ProviderPool(self._lookup_providers)
+        self.relays = Relays(self.host, self.address_book, self.post)
+        self.puncher = HolePuncher(self.host)
+        self.dialback = DialbackServer(self.host)
+        self.paths = Paths(self.host, self.relays, self.puncher, self._connected_bootstrap_peers)
         self.clients = [
-            TunnelClient(self.host, t.service, t.bind, FixedPeer(t.peer_id), self.registry, self.post)
+            TunnelClient(self.paths, t.service, t.bind, FixedPeer(t.peer_id), self.registry, self.post)
             for t in config.tunnels
         ] + [
-            TunnelClient(self.host, t.service, t.bind, self.providers, self.registry, self.post)
+            TunnelClient(self.paths, t.service, t.bind, self.providers, self.registry, self.post)
             for t in config.tunnels_by_name
         ]
         self._publishing = False
@@ -92,11 +101,14 @@ class Node:
             async with self.host.run(listen_addrs=list(self.config.listen)), trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.service.handle_stream)
+                self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), self.dialback.handle_stream)
                 self.host.get_network().register_notifee(_ConnectionEvents(self.post))
                 await nursery.start(self.discovery.run)
+                await nursery.start(self.relays.run)
+                await nursery.start(self.puncher.run)
                 if self.config.mdns:
                     nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
-                nursery.start_soon(self._watch_signals)
+                await nursery.start(self._watch_signals)  # before anyone can see us ready
                 nursery.start_soon(Pinger(self.host).run)
                 nursery.start_soon(self._republish_timer)
                 addresses = tuple(str(a) for a in self.host.get_addrs())
@@ -143,8 +155,15 @@ class Node:
                 else:
                     self._publishing = True
                     self._nursery.start_soon(self._publish, names)
-            case cmd.ReserveRelay(relay_peer_id=relay):
-                log.warning("relay reservation not supported by this runtime", relay=relay)
+            case cmd.ReserveRelay(relay_peer_id=relay, delay=delay):
+                self._nursery.start_soon(self._after, delay, self.relays.reserve, ID.from_base58(relay))
+            case cmd.DropRelay(relay_peer_id=relay):
+                self.relays.forget(ID.from_base58(relay))
+                self.post(ev.AddressesChanged(tuple(str(a) for a in self.host.get_addrs())))
+            case cmd.CheckReachability(peer_id=peer_id, delay=delay):
+                self._nursery.start_soon(self._after, delay, self._check_reachability, peer_id)
+            case cmd.SetDhtMode(server=server):
+                self._nursery.start_soon(self.discovery.set_mode, server)
             case cmd.StopTunnelListeners():
                 self._listener_scope.cancel()
             case cmd.CloseTunnelSessions(grace=grace):
@@ -175,6 +194,30 @@ class Node:
         self._dialing.discard(peer_id)
         log.info("bootstrap connected", peer=peer_id)
         self.post(ev.BootstrapConnected(peer_id))
+
+    @staticmethod
+    async def _after(delay: float, function, *args) -> None:
+        await trio.sleep(delay)
+        await function(*args)
+
+    async def _check_reachability(self, peer_id: str) -> None:
+        started = trio.current_time()
+        try:
+            status, answer = await check_reachability(self.host, ID.from_base58(peer_id))
+        except Exception as exc:  # the helper vanished or answered nonsense
+            status, answer = NatStatus.UNKNOWN, {"error": f"{type(exc).__name__}: {exc}"}
+        log.info(
+            "reachability",
+            status=status.value,
+            checked_by=peer_id,
+            observed=answer.get("observed"),
+            error=answer.get("error"),
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.NatStatusObserved(status))
+
+    def _connected_bootstrap_peers(self) -> list[ID]:
+        return [ID.from_base58(b.peer_id) for b in self.state.bootstrap if b.connected]
 
     async def _join_dht(self, peer_id: str) -> None:
         pid = ID.from_base58(peer_id)
@@ -219,8 +262,9 @@ class Node:
         log.info("peer discovered", peer=str(info.peer_id), source="mdns", addresses=[str(a) for a in info.addrs])
         self.post(ev.PeerDiscovered(str(info.peer_id), "mdns"))
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
                 log.info("shutdown requested", signal=name)

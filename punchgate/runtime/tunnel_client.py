@@ -12,12 +12,11 @@ import time
 from collections.abc import Callable
 
 import trio
-from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
 from punchgate.logs import get_logger
 from punchgate.runtime.handshake import read_message
-from punchgate.runtime.host import open_stream
+from punchgate.runtime.paths import Paths
 from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.providers import PeerFinder
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
@@ -30,14 +29,14 @@ log = get_logger("punchgate.tunnel")
 class TunnelClient:
     def __init__(
         self,
-        host: IHost,
+        paths: Paths,
         service: str,
         bind: HostPort,
         finder: PeerFinder,
         registry: SessionRegistry,
         post: Callable[[ev.Event], None],
     ) -> None:
-        self.host = host
+        self.paths = paths
         self.service = service
         self.bind = bind
         self.finder = finder
@@ -78,17 +77,17 @@ class TunnelClient:
             for peer_id in candidates:
                 tried.add(peer_id)
                 try:
-                    stream = await open_stream(self.host, peer_id, PROTOCOL_ID)
-                except Exception as exc:  # dial, negotiation and swarm errors of many types
+                    stream, path = await self.paths.open_stream(peer_id, PROTOCOL_ID)
+                except Exception as exc:  # dial, relay, negotiation and swarm errors of many types
                     errors.append(f"{peer_id}: {exc}")
                     self.finder.failed(self.service, peer_id)
                     continue
-                await self._handshake_and_pipe(local, stream, str(peer_id), fields, started)
+                await self._handshake_and_pipe(local, stream, str(peer_id), path, fields, started)
                 return
         reason = "; ".join(errors) if errors else "no peer provides this service (will look again)"
         log.warning("client tunnel error", **fields, reason=reason)
 
-    async def _handshake_and_pipe(self, local, stream, peer: str, fields: dict, started: float) -> None:
+    async def _handshake_and_pipe(self, local, stream, peer: str, path: str, fields: dict, started: float) -> None:
         try:
             await stream.write(encode_request(self.service))
             message, early_bytes = await read_message(stream)
@@ -102,7 +101,7 @@ class TunnelClient:
             await _reset(stream)
             return
         setup_ms = round((time.monotonic() - started) * 1000, 2)
-        log.info("client tunnel opened", **fields, peer=peer, setup_ms=setup_ms)
+        log.info("client tunnel opened", **fields, peer=peer, path=path, setup_ms=setup_ms)
         result = PipeResult()
         try:
             await pipe(local, stream, result, pending_to_local=early_bytes)
@@ -111,6 +110,7 @@ class TunnelClient:
                 "client tunnel closed",
                 **fields,
                 peer=peer,
+                path=path,
                 bytes_to_remote=result.to_remote,
                 bytes_from_remote=result.from_remote,
                 duration_s=round(time.monotonic() - started, 3),

@@ -14,7 +14,10 @@ The state (:class:`NodeState`) is a product of independent dimensions:
   peers is READY when one of them answers, or when every one has failed once (it then
   keeps retrying with capped exponential backoff and works with what it has).
   SHUTTING_DOWN is reachable from every phase and never left.
-* **NAT status** - UNKNOWN / PUBLIC / PRIVATE, as observed by the runtime.
+* **NAT status** - UNKNOWN / PUBLIC / PRIVATE. The first bootstrap peer reached is
+  asked to dial us back; PUBLIC makes us a DHT server, PRIVATE keeps us a DHT client
+  and asks for a relay slot. A node with no bootstrap peers serves the DHT from the
+  start; one with bootstrap peers only uses it until it knows it is reachable.
 * **relay** - IDLE / RESERVING / RESERVED: a private node asks a connected bootstrap
   peer for a relay slot and asks again when the slot is lost or refused.
 * **tunnels** - open local client sessions per tunnel bind address; shutdown closes

@@ -21,6 +21,28 @@ class JoinDht:
 
 
 @dataclass(frozen=True)
+class CheckReachability:
+    """Ask ``peer_id`` to dial us back on a fresh connection, after ``delay`` seconds."""
+
+    peer_id: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class SetDhtMode:
+    """Serve the DHT to others (``server``) or only use it (``client``)."""
+
+    server: bool
+
+
+@dataclass(frozen=True)
+class DropRelay:
+    """Stop renewing and advertising the reservation held on ``relay_peer_id``."""
+
+    relay_peer_id: str
+
+
+@dataclass(frozen=True)
 class StartTunnelListeners:
     """Begin accepting local client connections on every configured tunnel."""
 
@@ -56,6 +78,9 @@ class StopHost:
 Command = (
     DialBootstrap
     | JoinDht
+    | CheckReachability
+    | SetDhtMode
+    | DropRelay
     | StartTunnelListeners
     | PublishServices
     | ReserveRelay

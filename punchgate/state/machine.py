@@ -13,7 +13,10 @@ from typing import Any
 
 from punchgate.state import events as ev
 from punchgate.state.commands import (
+    CheckReachability,
     CloseTunnelSessions,
+    DropRelay,
+    SetDhtMode,
     Command,
     DialBootstrap,
     JoinDht,
@@ -28,6 +31,7 @@ from punchgate.state.model import NatStatus, NodeState, Phase, RelayState, Relay
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 RECONNECT_DELAY = 1.0
+RECHECK_DELAY = 30.0
 
 Result = tuple[NodeState, list[Command]]
 
@@ -72,7 +76,9 @@ def _relay_commands(state: NodeState) -> Result:
 def _on_listeners_ready(state: NodeState, event: ev.ListenersReady) -> Result:
     if state.phase is not Phase.STARTING:
         return state, []
-    commands: list[Command] = [StartTunnelListeners()]
+    # With bootstrap peers we are probably behind NAT until a dial-back says otherwise:
+    # only use the DHT meanwhile, so nobody is sent to an address that may not work.
+    commands: list[Command] = [SetDhtMode(server=not state.bootstrap), StartTunnelListeners()]
     if state.bootstrap:
         commands += [DialBootstrap(b.peer_id, 0.0) for b in state.bootstrap]
         return replace(state, phase=Phase.JOINING), commands
@@ -89,6 +95,9 @@ def _on_bootstrap_connected(state: NodeState, event: ev.BootstrapConnected) -> R
     if state.phase is Phase.JOINING:
         state, more = _become_ready(state)
         commands += more
+    if state.nat is NatStatus.UNKNOWN and not state.nat_checking:
+        state = replace(state, nat_checking=True)
+        commands.append(CheckReachability(peer.peer_id, 0.0))
     state, relay_commands = _relay_commands(state)
     return state, commands + relay_commands
 
@@ -120,6 +129,9 @@ def _on_peer_disconnected(state: NodeState, event: ev.PeerDisconnected) -> Resul
     commands: list[Command] = [DialBootstrap(peer.peer_id, RECONNECT_DELAY)]
     if state.relay.relay_peer_id == peer.peer_id:
         state = replace(state, relay=RelayState())
+        commands.append(DropRelay(peer.peer_id))
+        state, more = _relay_commands(state)  # another connected bootstrap peer may serve
+        commands += more
     return state, commands
 
 
@@ -136,7 +148,16 @@ def _republish(state: NodeState, event: ev.AddressesChanged | ev.RepublishDue) -
 
 
 def _on_nat_status(state: NodeState, event: ev.NatStatusObserved) -> Result:
-    return _relay_commands(replace(state, nat=event.status))
+    state = replace(state, nat=event.status, nat_checking=False)
+    if event.status is NatStatus.UNKNOWN:
+        # The check itself failed: ask again later, if someone is there to ask.
+        peer = next((b for b in state.bootstrap if b.connected), None)
+        if peer is None:
+            return state, []
+        return replace(state, nat_checking=True), [CheckReachability(peer.peer_id, RECHECK_DELAY)]
+    commands: list[Command] = [SetDhtMode(server=event.status is NatStatus.PUBLIC)]
+    state, more = _relay_commands(state)
+    return state, commands + more
 
 
 def _on_relay_reserved(state: NodeState, event: ev.RelayReserved) -> Result:

@@ -43,6 +43,7 @@ class BootstrapPeer:
 class NodeState:
     phase: Phase = Phase.STARTING
     nat: NatStatus = NatStatus.UNKNOWN
+    nat_checking: bool = False  # a dial-back request is under way
     relay: RelayState = field(default_factory=RelayState)
     bootstrap: tuple[BootstrapPeer, ...] = ()
     # Open local client connections per tunnel bind address, as sorted (bind, count) pairs.

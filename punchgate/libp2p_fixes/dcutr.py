@@ -1,0 +1,62 @@
+"""DCUtR (hole punching) as shipped wastes seconds, can hang, and kills relayed streams.
+
+Defects (``libp2p/relay/circuit_v2/dcutr.py``):
+
+* "step 0" (``_try_unilateral_upgrade``, ~488-525) dials every non-circuit address of
+  the peer before punching, including wildcard and private LAN addresses that cannot
+  work across NATs: 0.7-10 s lost (DEFAULT_DIAL_TIMEOUT is 10 s) per attempt.
+* with a QUIC address of the peer known, a failed punch never returns: the UDP "spam"
+  tasks (``_spam_udp_for_hole_punch``) wait for a stop event that is set only after
+  the task group they run in has exited (~795-829).
+* ``_auto_drive_loop`` punches every relayed peer every 2 s on its own schedule; we
+  decide when to punch (when a tunnel needs the peer), so it is turned off.
+* after a successful punch the relayed connection is closed 60 s later
+  (``_schedule_relay_close``), resetting tunnel streams still on it. We close it only
+  once no stream uses it.
+
+Fix: :class:`BoundedDCUtR` overrides those four methods. Callers still bound each
+punch with their own cancel scope (``runtime/holepunch.py``).
+"""
+
+from __future__ import annotations
+
+import trio
+from libp2p.connection_types import ConnectionType
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from multiaddr import Multiaddr
+
+RELAY_IDLE_CHECK = 5.0
+RELAY_IDLE_CHECKS = 720  # give up watching after an hour
+
+
+class BoundedDCUtR(DCUtRProtocol):
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        return False
+
+    async def _auto_drive_loop(self) -> None:
+        await trio.sleep_forever()
+
+    async def _spam_udp_for_hole_punch(self, addr: Multiaddr, stop: trio.Event) -> None:
+        return
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_relayed_when_unused, peer_id)
+
+    async def _close_relayed_when_unused(self, peer_id: ID) -> None:
+        network = self.host.get_network()
+        for _ in range(RELAY_IDLE_CHECKS):
+            await trio.sleep(RELAY_IDLE_CHECK)
+            relayed = [
+                c
+                for c in network.get_connections(peer_id)
+                if not c.is_closed and c.get_connection_type() is ConnectionType.RELAYED
+            ]
+            if not relayed:
+                return
+            if not await self._verify_direct_connection(peer_id):
+                return  # no direct path any more: keep the relay
+            for conn in relayed:
+                if not conn.get_streams():
+                    await conn.close()

@@ -1,0 +1,430 @@
+"""Tunnels between two hosts behind NAT routers, in the network-namespace lab.
+
+``scripts/netns_lab.sh`` builds a small internet: ``pub`` (100.64.0.10) is a public
+node, ``hosta`` and ``hostb`` sit behind their own routers (MASQUERADE, or
+``--random-fully`` for a symmetric NAT) that drop unsolicited inbound traffic. Every
+process runs inside a namespace of a lab made for this test alone (a unique prefix),
+and the lab is torn down afterwards whatever happens.
+
+* pub: ``punchgate --listen /ip4/0.0.0.0/tcp/4001`` (the bootstrap node and relay);
+* hosta: an echo server on 127.0.0.1:7777 and ``punchgate --expose echo=127.0.0.1:7777``;
+* hostb: ``punchgate --tunnel-by-name echo@127.0.0.1:2222``.
+
+Checked, for both NAT kinds: bytes echo end to end (sha256 of a random payload) through
+hostb's 127.0.0.1:2222; with a port-preserving NAT the tunnel moves to a direct
+connection between the two routers' public addresses (seen in the routers' conntrack
+tables, from outside the nodes, and in the client's ``client tunnel opened`` event);
+with a symmetric NAT it stays on the relay and no direct flow exists; and killing the
+provider (SIGKILL) ends an open client connection within 10 s instead of leaving it
+hanging.
+
+Runs only as root with ``ip`` and ``iptables`` installed (CI installs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from punchgate.devtools.processes import PunchgateProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "scripts" / "netns_lab.sh"
+ECHO_SERVER = ROOT / "scripts" / "echo_server.py"
+
+PUB_IP = "100.64.0.10"
+NODE_PORT = 4001
+ECHO_PORT = 7777
+TUNNEL_PORT = 2222
+PAYLOAD_BYTES = 2 * 1024 * 1024
+
+START_TIMEOUT = 30  # a node: process start to "ready" (python start-up included, 2 cores)
+SETUP_TIMEOUT = 30  # reachability, relay reservation, service publication
+FIRST_ECHO_TIMEOUT = 60  # first connection: resolution, relay connection, handshake
+PUNCH_TIMEOUT = 40  # the "hole punch" event after the first connection
+PAYLOAD_TIMEOUT = 60
+CLOSE_LIMIT = 10  # (d): the client connection must end this soon after the provider dies
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not hasattr(os, "geteuid") or os.geteuid() != 0, reason="network namespaces need root"
+    ),
+    pytest.mark.skipif(
+        shutil.which("ip") is None or shutil.which("iptables") is None,
+        reason="needs ip (iproute2) and iptables",
+    ),
+]
+
+# A TCP client run inside hostb's namespace: python -c CLIENT echo PORT SIZE TIMEOUT
+#                                            python -c CLIENT hold PORT TIMEOUT
+# "echo" sends SIZE random bytes, half-closes, reads everything back and prints one JSON
+# line with both sha256 digests. "hold" echoes a short message, prints {"state": "open"},
+# then waits (at most TIMEOUT) for the connection to end and prints {"state": "closed"}.
+CLIENT = r"""
+import hashlib, json, os, socket, sys, threading, time
+mode, port = sys.argv[1], int(sys.argv[2])
+def out(**fields):
+    print(json.dumps(fields), flush=True)
+started = time.monotonic()
+try:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+except OSError as exc:
+    out(state="error", error="connect: " + repr(exc))
+    sys.exit(0)
+if mode == "echo":
+    size, limit = int(sys.argv[3]), float(sys.argv[4])
+    payload = os.urandom(size)
+    send_error = []
+    def send():
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            send_error.append(repr(exc))
+    conn.settimeout(limit)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    digest, received, first_byte, error = hashlib.sha256(), 0, None, None
+    try:
+        while time.monotonic() - started < limit:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            if first_byte is None:
+                first_byte = time.monotonic() - started
+            digest.update(data)
+            received += len(data)
+        else:
+            error = "time limit"
+    except OSError as exc:
+        error = repr(exc)
+    sender.join(timeout=5)
+    out(state="done", sent=size, received=received, sent_sha256=hashlib.sha256(payload).hexdigest(),
+        received_sha256=digest.hexdigest(), first_byte_ms=None if first_byte is None else round(first_byte * 1000, 1),
+        total_s=round(time.monotonic() - started, 3), error=error or (send_error[0] if send_error else None))
+elif mode == "hold":
+    limit = float(sys.argv[3])
+    conn.settimeout(limit)
+    try:
+        conn.sendall(b"hold\n")
+        got = b""
+        while len(got) < 5:
+            data = conn.recv(64)
+            if not data:
+                break
+            got += data
+    except OSError as exc:
+        out(state="error", error=repr(exc))
+        sys.exit(0)
+    if got != b"hold\n":
+        out(state="error", error="echo was " + repr(got))
+        sys.exit(0)
+    out(state="open")
+    try:
+        data = conn.recv(64)
+        how = "eof" if not data else "data " + repr(data)
+    except socket.timeout:
+        how = "timeout"
+    except OSError as exc:
+        how = "reset " + repr(exc)
+    out(state="closed", how=how)
+"""
+
+
+class LineReader:
+    """Lines of a pipe as they come, each with its monotonic arrival time."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[tuple[float, str] | None] = queue.Queue()
+        self._ended = False
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe) -> None:
+        for line in pipe:
+            self._queue.put((time.monotonic(), line.rstrip("\n")))
+        self._queue.put(None)
+
+    def wait(self, predicate: Callable[[str], bool], timeout: float) -> tuple[float, str]:
+        deadline = time.monotonic() + timeout
+        while not self._ended and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is None:
+                self._ended = True
+                break
+            arrived, line = item
+            self.lines.append(line)
+            if predicate(line):
+                return arrived, line
+        raise AssertionError(
+            ("output ended" if self._ended else f"nothing matching within {timeout} s")
+            + "; output so far:\n" + "\n".join(self.lines)
+        )
+
+    def text(self) -> str:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)
+                break
+            self.lines.append(item[1])
+        return "\n".join(self.lines)
+
+
+class NatLab:
+    """One lab (unique prefix) and every process started in it; ``close`` tears all down."""
+
+    def __init__(self, tmp_path: Path, symmetric: bool) -> None:
+        self.tmp_path = tmp_path
+        self.symmetric = symmetric
+        self.prefix = f"pgt{os.getpid() % 100000}-{secrets.token_hex(3)}"
+        self.nodes: dict[str, PunchgateProcess] = {}
+        self.helpers: dict[str, tuple[subprocess.Popen, LineReader]] = {}
+        self.env: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """A measurement worth seeing: printed (pytest -s) and part of the failure report."""
+        self.notes.append(text)
+        print(f"[{self.prefix}] {text}", flush=True)
+
+    # --- lab lifecycle
+    def lab(self, command: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``netns_lab.sh COMMAND --prefix PREFIX ARGS...`` (options first, as the script wants)."""
+        return subprocess.run(
+            ["bash", str(LAB), command, "--prefix", self.prefix, *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def up(self) -> None:
+        result = self.lab("up", *(["--symmetric"] if self.symmetric else []))
+        assert result.returncode == 0, f"lab up failed:\n{result.stdout}{result.stderr}"
+        env = self.lab("env")
+        assert env.returncode == 0, env.stderr
+        self.env = dict(line.split("=", 1) for line in env.stdout.split() if "=" in line)
+        # Byte counters in the routers' conntrack entries (must be on before the flows
+        # exist): they show how much the direct flow carried. Best effort.
+        for role in ("rtra", "rtrb"):
+            subprocess.run(
+                [*self.wrap(role), "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1"],
+                capture_output=True, timeout=10,
+            )
+
+    def close(self) -> None:
+        """Kill what we started (by PID), then remove the lab. Never raises for a dead process."""
+        for node in self.nodes.values():
+            try:
+                node.kill()
+            except Exception:
+                pass
+        for proc, _ in self.helpers.values():
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        result = self.lab("down", timeout=120)
+        assert result.returncode == 0, f"lab down failed:\n{result.stdout}{result.stderr}"
+
+    def wrap(self, role: str) -> list[str]:
+        return ["ip", "netns", "exec", self.env.get(f"NS_{role.upper()}", f"{self.prefix}-{role}")]
+
+    # --- processes
+    def node(self, name: str, role: str, *args: str) -> PunchgateProcess:
+        proc = PunchgateProcess(
+            "--identity", str(self.tmp_path / f"{name}.key"),
+            "--listen", f"/ip4/0.0.0.0/tcp/{NODE_PORT}",
+            "--no-mdns",
+            *args,
+            wrapper=self.wrap(role),
+        )
+        self.nodes[name] = proc
+        return proc
+
+    def helper(self, name: str, role: str, *command: str) -> tuple[subprocess.Popen, LineReader]:
+        """A non-punchgate process in ROLE's namespace; its stdout and stderr are read as lines."""
+        proc = subprocess.Popen(
+            [*self.wrap(role), *command],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.helpers[name] = (proc, reader := LineReader(proc.stdout))
+        return proc, reader
+
+    def client(self, name: str, *args: str) -> tuple[subprocess.Popen, LineReader]:
+        return self.helper(name, "hostb", sys.executable, "-c", CLIENT, *args)
+
+    def echo_through_tunnel(self, name: str, size: int, timeout: float) -> dict:
+        """Run an "echo" client in hostb; its result line (it gives up after ``timeout``)."""
+        _, reader = self.client(name, "echo", str(TUNNEL_PORT), str(size), str(timeout))
+        _, line = reader.wait(lambda l: l.startswith("{"), timeout + 15)
+        return json.loads(line)
+
+    def direct(self, *args: str) -> tuple[int, str]:
+        result = self.lab("direct", *args, timeout=30)
+        return result.returncode, result.stdout + result.stderr
+
+    # --- diagnostics
+    def report(self) -> str:
+        parts = [f"lab {self.prefix} (symmetric={self.symmetric})", *self.notes]
+        for name, node in self.nodes.items():
+            parts.append(
+                f"===== {name} (pid {node.pid}, exit {node.proc.poll()}) last lines:\n{node.log_text(last=150)}"
+            )
+        for name, (proc, reader) in self.helpers.items():
+            parts.append(f"===== {name} (pid {proc.pid}, exit {proc.poll()}):\n{reader.text()}")
+        try:
+            parts.append("===== netns_lab.sh direct --all:\n" + self.direct("--all")[1])
+        except Exception as exc:  # the report must not hide the failure it explains
+            parts.append(f"===== direct --all failed: {exc!r}")
+        return "\n".join(parts)
+
+
+def nth_event(node: PunchgateProcess, name: str, n: int, timeout: float) -> dict:
+    """The n-th (1-based) event called ``name`` in the node's log, waiting up to ``timeout``."""
+    seen = 0
+
+    def match(event: dict) -> bool:
+        nonlocal seen
+        if event.get("event") == name:
+            seen += 1
+            return seen == n
+        return False
+
+    return node.wait_for(match, timeout)
+
+
+def count_events(node: PunchgateProcess, name: str) -> int:
+    node.log_text()  # take what has arrived
+    return sum(1 for e in node.events() if e.get("event") == name)
+
+
+def conntrack_bytes(direct_output: str) -> dict[str, list[tuple[int, int]]]:
+    """Per router, the (original, reply) ``bytes=`` counters of each flow listed by ``direct``
+    (empty when conntrack accounting is off)."""
+    flows: dict[str, list[tuple[int, int]]] = {}
+    router = None
+    for line in direct_output.splitlines():
+        if header := re.match(r"# (rtr[ab]) ", line):
+            router = header.group(1)
+        elif router and len(counters := re.findall(r"bytes=(\d+)", line)) == 2:
+            flows.setdefault(router, []).append((int(counters[0]), int(counters[1])))
+    return flows
+
+
+def run_scenario(lab: NatLab, symmetric: bool) -> None:
+    # pub: bootstrap node and relay
+    pub = lab.node("pub", "pub")
+    pub_id = pub.wait_event("punchgate starting", timeout=START_TIMEOUT)["peer_id"]
+    pub.wait_event("phase transition", timeout=START_TIMEOUT, to_phase="ready")
+    bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
+
+    # hosta: echo server + provider
+    _, echo_out = lab.helper(
+        "echo server", "hosta", sys.executable, str(ECHO_SERVER), "--host", "127.0.0.1", "--port", str(ECHO_PORT)
+    )
+    echo_out.wait(lambda l: "listening" in l, 20)
+    hosta = lab.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
+    # hostb: client by name
+    hostb = lab.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")
+    hosta_id = hosta.wait_event("punchgate starting", timeout=START_TIMEOUT)["peer_id"]
+    for node in (hosta, hostb):
+        node.wait_event("phase transition", timeout=START_TIMEOUT, to_phase="ready")
+
+    # hosta finds out it is behind NAT, reserves a slot on the relay, publishes the service.
+    hosta.wait_event("reachability", timeout=SETUP_TIMEOUT, status="private")
+    hosta.wait_event("relay reservation accepted", timeout=SETUP_TIMEOUT)
+    hosta.wait_event("service published", timeout=SETUP_TIMEOUT, service="echo")
+
+    # First connection: resolution, relayed connection, and (in the background) the punch.
+    first = lab.echo_through_tunnel("first client", 64, FIRST_ECHO_TIMEOUT)
+    assert first["state"] == "done" and first["error"] is None, f"first connection failed: {first}"
+    assert first["received_sha256"] == first["sent_sha256"], f"first connection: echo differs: {first}"
+    resolved = hostb.wait_event("service resolved", timeout=5, service="echo")
+    assert hosta_id in resolved["providers"], resolved
+
+    punch = hostb.wait_event("hole punch", timeout=PUNCH_TIMEOUT, peer=hosta_id)
+    lab.note(f"first connection: first byte after {first['first_byte_ms']} ms; hole punch: {punch}")
+    if symmetric:
+        assert punch["outcome"] in ("failed", "skipped"), f"a punch through symmetric NATs cannot succeed: {punch}"
+    else:
+        assert punch["outcome"] == "direct", f"hole punch through port-preserving NATs: {punch}"
+
+    # (a) the payload connection: random bytes, sha256 both ways.
+    opened_before = count_events(hostb, "client tunnel opened")
+    result = lab.echo_through_tunnel("payload client", PAYLOAD_BYTES, PAYLOAD_TIMEOUT)
+    assert result["state"] == "done" and result["error"] is None, f"payload connection failed: {result}"
+    assert result["received"] == PAYLOAD_BYTES and result["received_sha256"] == result["sent_sha256"], (
+        f"payload corrupted or truncated: {result}"
+    )
+    opened = nth_event(hostb, "client tunnel opened", opened_before + 1, timeout=5)
+    assert opened["service"] == "echo" and opened["peer"] == hosta_id, opened
+
+    if symmetric:
+        # (c) relayed, and no flow between the routers ever got an answer.
+        assert opened["path"] == "relayed", f"symmetric NAT: the tunnel must use the relay: {opened}"
+        rc, flows = lab.direct()
+        assert rc == 1, f"symmetric NAT: a direct flow between the routers exists:\n{flows}"
+    else:
+        # (b) direct: the client says so, and the routers' conntrack tables agree.
+        assert opened["path"] == "direct", f"the tunnel did not use the direct connection: {opened}"
+        rc, flows = lab.direct("--state", "ESTABLISHED")
+        assert rc == 0, f"no ESTABLISHED flow between the routers' public addresses:\n{flows}"
+        carried = conntrack_bytes(flows)
+        lab.note(f"direct flows (bytes original, reply): {carried}")
+        if carried:  # conntrack accounting is on: the payload crossed a direct flow, both ways
+            assert set(carried) == {"rtra", "rtrb"} and all(
+                any(min(pair) >= PAYLOAD_BYTES for pair in pairs) for pairs in carried.values()
+            ), f"no direct flow carried the payload both ways ({carried}):\n{flows}"
+
+    # (d) SIGKILL the provider while a client connection is open through the tunnel.
+    opened_before = count_events(hostb, "client tunnel opened")
+    closed_before = count_events(hostb, "client tunnel closed")
+    _, held = lab.client("held client", "hold", str(TUNNEL_PORT), str(CLOSE_LIMIT + 20))
+    held.wait(lambda l: '"state"' in l, FIRST_ECHO_TIMEOUT)
+    assert json.loads(held.lines[-1])["state"] == "open", f"held connection did not open: {held.lines}"
+    held_opened = nth_event(hostb, "client tunnel opened", opened_before + 1, timeout=5)
+    killed_at = time.monotonic()
+    hosta.proc.kill()  # SIGKILL to the punchgate process itself (ip netns exec execs)
+    arrived, line = held.wait(lambda l: '"closed"' in l, CLOSE_LIMIT + 25)
+    took = arrived - killed_at
+    how = json.loads(line)["how"]
+    lab.note(f"held connection ({held_opened['path']}) ended ({how}) {took:.2f} s after SIGKILL")
+    assert how == "eof" or how.startswith("reset"), f"held connection ({held_opened['path']}) did not end: {how}"
+    assert took < CLOSE_LIMIT, (
+        f"held connection ({held_opened['path']}) ended {took:.1f} s after the provider was killed"
+    )
+    nth_event(hostb, "client tunnel closed", closed_before + 1, timeout=CLOSE_LIMIT)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["masquerade", "symmetric"])
+def test_tunnel_between_two_nats(tmp_path, symmetric):
+    lab = NatLab(tmp_path, symmetric)
+    try:
+        lab.up()
+        try:
+            run_scenario(lab, symmetric)
+        except (AssertionError, subprocess.TimeoutExpired, OSError) as exc:
+            reason = str(exc).split("; log:\n")[0]  # wait_for's own log dump is in the report
+            raise AssertionError(f"{type(exc).__name__}: {reason}\n\n{lab.report()}") from None
+    finally:
+        lab.close()
