@@ -158,7 +158,7 @@ class LineReader:
             self._queue.put((time.monotonic(), line.rstrip("\n")))
         self._queue.put(None)
 
-    def wait(self, predicate: Callable[[str], bool], timeout: float) -> tuple[float, str]:
+    def wait(self, predicate: Callable[[str], bool], timeout: float, what: str) -> tuple[float, str]:
         deadline = time.monotonic() + timeout
         while not self._ended and (left := deadline - time.monotonic()) > 0:
             try:
@@ -173,7 +173,7 @@ class LineReader:
             if predicate(line):
                 return arrived, line
         raise AssertionError(
-            ("output ended" if self._ended else f"nothing matching within {timeout} s")
+            f"{what}: " + ("output ended" if self._ended else f"nothing within {timeout} s")
             + "; output so far:\n" + "\n".join(self.lines)
         )
 
@@ -212,7 +212,7 @@ class NatLab:
         """``netns_lab.sh COMMAND --prefix PREFIX ARGS...`` (options first, as the script wants)."""
         return subprocess.run(
             ["bash", str(LAB), command, "--prefix", self.prefix, *args],
-            capture_output=True, text=True, timeout=timeout,
+            check=False, capture_output=True, text=True, timeout=timeout,
         )
 
     def up(self) -> None:
@@ -226,7 +226,7 @@ class NatLab:
         for role in ("rtra", "rtrb"):
             subprocess.run(
                 [*self.wrap(role), "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1"],
-                capture_output=True, timeout=10,
+                check=False, capture_output=True, timeout=10,
             )
 
     def close(self) -> None:
@@ -234,8 +234,8 @@ class NatLab:
         for node in self.nodes.values():
             try:
                 node.kill()
-            except Exception:
-                pass
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # already gone, or not dead yet: "down" below kills what is left by PID
         for proc, _ in self.helpers.values():
             if proc.poll() is None:
                 proc.kill()
@@ -261,6 +261,15 @@ class NatLab:
         self.nodes[name] = proc
         return proc
 
+    def expect(self, node: str, event: str, timeout: float, nth: int = 1, **fields) -> dict:
+        """The ``nth`` event called ``event`` (with ``fields``) in NODE's log, waiting up to ``timeout``."""
+        try:
+            return self.nodes[node].wait_for(nth_match(event, nth, **fields), timeout)
+        except AssertionError as exc:
+            why = str(exc).split("; log:\n")[0]
+            wanted = f"{event!r} #{nth}" + (f" with {fields}" if fields else "")
+            raise AssertionError(f"{node}: no {wanted} within {timeout} s ({why})") from None
+
     def helper(self, name: str, role: str, *command: str) -> tuple[subprocess.Popen, LineReader]:
         """A non-punchgate process in ROLE's namespace; its stdout and stderr are read as lines."""
         proc = subprocess.Popen(
@@ -276,7 +285,7 @@ class NatLab:
     def echo_through_tunnel(self, name: str, size: int, timeout: float) -> dict:
         """Run an "echo" client in hostb; its result line (it gives up after ``timeout``)."""
         _, reader = self.client(name, "echo", str(TUNNEL_PORT), str(size), str(timeout))
-        _, line = reader.wait(lambda l: l.startswith("{"), timeout + 15)
+        _, line = reader.wait(lambda text: text.startswith("{"), timeout + 15, f"{name} result")
         return json.loads(line)
 
     def direct(self, *args: str) -> tuple[int, str]:
@@ -299,18 +308,18 @@ class NatLab:
         return "\n".join(parts)
 
 
-def nth_event(node: PunchgateProcess, name: str, n: int, timeout: float) -> dict:
-    """The n-th (1-based) event called ``name`` in the node's log, waiting up to ``timeout``."""
+def nth_match(name: str, n: int, **fields) -> Callable[[dict], bool]:
+    """A predicate true for the n-th (1-based) event called ``name`` with ``fields``."""
     seen = 0
 
     def match(event: dict) -> bool:
         nonlocal seen
-        if event.get("event") == name:
+        if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
             seen += 1
             return seen == n
         return False
 
-    return node.wait_for(match, timeout)
+    return match
 
 
 def count_events(node: PunchgateProcess, name: str) -> int:
@@ -333,36 +342,35 @@ def conntrack_bytes(direct_output: str) -> dict[str, list[tuple[int, int]]]:
 
 def run_scenario(lab: NatLab, symmetric: bool) -> None:
     # pub: bootstrap node and relay
-    pub = lab.node("pub", "pub")
-    pub_id = pub.wait_event("punchgate starting", timeout=START_TIMEOUT)["peer_id"]
-    pub.wait_event("phase transition", timeout=START_TIMEOUT, to_phase="ready")
+    lab.node("pub", "pub")
+    pub_id = lab.expect("pub", "punchgate starting", START_TIMEOUT)["peer_id"]
+    lab.expect("pub", "phase transition", START_TIMEOUT, to_phase="ready")
     bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
 
-    # hosta: echo server + provider
+    # hosta: echo server + provider; hostb: client by name
     _, echo_out = lab.helper(
         "echo server", "hosta", sys.executable, str(ECHO_SERVER), "--host", "127.0.0.1", "--port", str(ECHO_PORT)
     )
-    echo_out.wait(lambda l: "listening" in l, 20)
+    echo_out.wait(lambda text: "listening" in text, 20, "echo server start")
     hosta = lab.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
-    # hostb: client by name
     hostb = lab.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")
-    hosta_id = hosta.wait_event("punchgate starting", timeout=START_TIMEOUT)["peer_id"]
-    for node in (hosta, hostb):
-        node.wait_event("phase transition", timeout=START_TIMEOUT, to_phase="ready")
+    hosta_id = lab.expect("hosta", "punchgate starting", START_TIMEOUT)["peer_id"]
+    for node in ("hosta", "hostb"):
+        lab.expect(node, "phase transition", START_TIMEOUT, to_phase="ready")
 
     # hosta finds out it is behind NAT, reserves a slot on the relay, publishes the service.
-    hosta.wait_event("reachability", timeout=SETUP_TIMEOUT, status="private")
-    hosta.wait_event("relay reservation accepted", timeout=SETUP_TIMEOUT)
-    hosta.wait_event("service published", timeout=SETUP_TIMEOUT, service="echo")
+    lab.expect("hosta", "reachability", SETUP_TIMEOUT, status="private")
+    lab.expect("hosta", "relay reservation accepted", SETUP_TIMEOUT)
+    lab.expect("hosta", "service published", SETUP_TIMEOUT, service="echo")
 
     # First connection: resolution, relayed connection, and (in the background) the punch.
     first = lab.echo_through_tunnel("first client", 64, FIRST_ECHO_TIMEOUT)
     assert first["state"] == "done" and first["error"] is None, f"first connection failed: {first}"
     assert first["received_sha256"] == first["sent_sha256"], f"first connection: echo differs: {first}"
-    resolved = hostb.wait_event("service resolved", timeout=5, service="echo")
-    assert hosta_id in resolved["providers"], resolved
+    resolved = lab.expect("hostb", "service resolved", 5, service="echo")
+    assert hosta_id in resolved["providers"], f"hosta is not among the providers: {resolved}"
 
-    punch = hostb.wait_event("hole punch", timeout=PUNCH_TIMEOUT, peer=hosta_id)
+    punch = lab.expect("hostb", "hole punch", PUNCH_TIMEOUT, peer=hosta_id)
     lab.note(f"first connection: first byte after {first['first_byte_ms']} ms; hole punch: {punch}")
     if symmetric:
         assert punch["outcome"] in ("failed", "skipped"), f"a punch through symmetric NATs cannot succeed: {punch}"
@@ -376,8 +384,8 @@ def run_scenario(lab: NatLab, symmetric: bool) -> None:
     assert result["received"] == PAYLOAD_BYTES and result["received_sha256"] == result["sent_sha256"], (
         f"payload corrupted or truncated: {result}"
     )
-    opened = nth_event(hostb, "client tunnel opened", opened_before + 1, timeout=5)
-    assert opened["service"] == "echo" and opened["peer"] == hosta_id, opened
+    opened = lab.expect("hostb", "client tunnel opened", 5, nth=opened_before + 1)
+    assert opened["service"] == "echo" and opened["peer"] == hosta_id, f"unexpected tunnel: {opened}"
 
     if symmetric:
         # (c) relayed, and no flow between the routers ever got an answer.
@@ -400,20 +408,18 @@ def run_scenario(lab: NatLab, symmetric: bool) -> None:
     opened_before = count_events(hostb, "client tunnel opened")
     closed_before = count_events(hostb, "client tunnel closed")
     _, held = lab.client("held client", "hold", str(TUNNEL_PORT), str(CLOSE_LIMIT + 20))
-    held.wait(lambda l: '"state"' in l, FIRST_ECHO_TIMEOUT)
-    assert json.loads(held.lines[-1])["state"] == "open", f"held connection did not open: {held.lines}"
-    held_opened = nth_event(hostb, "client tunnel opened", opened_before + 1, timeout=5)
+    _, line = held.wait(lambda text: '"state"' in text, FIRST_ECHO_TIMEOUT, "held connection open")
+    assert json.loads(line)["state"] == "open", f"held connection did not open: {line}"
+    path = lab.expect("hostb", "client tunnel opened", 5, nth=opened_before + 1)["path"]
     killed_at = time.monotonic()
-    hosta.proc.kill()  # SIGKILL to the punchgate process itself (ip netns exec execs)
-    arrived, line = held.wait(lambda l: '"closed"' in l, CLOSE_LIMIT + 25)
+    hosta.proc.kill()  # SIGKILL, by PID, to the punchgate process itself (ip netns exec execs)
+    arrived, line = held.wait(lambda text: '"closed"' in text, CLOSE_LIMIT + 25, "held connection end")
     took = arrived - killed_at
     how = json.loads(line)["how"]
-    lab.note(f"held connection ({held_opened['path']}) ended ({how}) {took:.2f} s after SIGKILL")
-    assert how == "eof" or how.startswith("reset"), f"held connection ({held_opened['path']}) did not end: {how}"
-    assert took < CLOSE_LIMIT, (
-        f"held connection ({held_opened['path']}) ended {took:.1f} s after the provider was killed"
-    )
-    nth_event(hostb, "client tunnel closed", closed_before + 1, timeout=CLOSE_LIMIT)
+    lab.note(f"held connection ({path}) ended ({how}) {took:.2f} s after SIGKILL")
+    assert how == "eof" or how.startswith("reset"), f"held connection ({path}) did not end: {how}"
+    assert took < CLOSE_LIMIT, f"held connection ({path}) ended {took:.1f} s after the provider was killed"
+    lab.expect("hostb", "client tunnel closed", CLOSE_LIMIT, nth=closed_before + 1)
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["masquerade", "symmetric"])
@@ -423,7 +429,7 @@ def test_tunnel_between_two_nats(tmp_path, symmetric):
         lab.up()
         try:
             run_scenario(lab, symmetric)
-        except (AssertionError, subprocess.TimeoutExpired, OSError) as exc:
+        except Exception as exc:  # any failure: say why, with every log of the lab
             reason = str(exc).split("; log:\n")[0]  # wait_for's own log dump is in the report
             raise AssertionError(f"{type(exc).__name__}: {reason}\n\n{lab.report()}") from None
     finally:

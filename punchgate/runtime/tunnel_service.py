@@ -25,6 +25,7 @@ class TunnelService:
     def __init__(self, services: dict[str, HostPort], registry: SessionRegistry) -> None:
         self.services = services
         self.registry = registry
+        self.accepted = 0  # tunnel requests accepted so far
 
     async def handle_stream(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -67,6 +68,7 @@ class TunnelService:
             await local.aclose()
             await _reset(stream)
             return
+        self.accepted += 1
         log.info("tunnel accepted", peer=peer, service=service, target=str(target))
         # A client may start sending before our answer: those bytes go to the service first.
         result = PipeResult()

@@ -1,0 +1,136 @@
+"""Services found by name on loopback: DHT through a bootstrap node, mDNS, failover."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from conftest import address_of, exchange, free_port, sha256, start_echo_server, start_node
+from punchgate.runtime.discovery import service_key
+from punchgate.specs import ExposeSpec, HostPort, TunnelByNameSpec
+
+TEST_TIMEOUT = 90
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:
+    """Wait for a condition of the node's own state that has no event of its own."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+async def published(store, provider, name: str) -> None:
+    """Wait until ``store``'s DHT holds ``provider``'s record for ``name``."""
+    key = service_key(name).encode()
+
+    def stored() -> bool:
+        return any(i.peer_id == provider.peer_id for i in store.discovery.dht.provider_store.get_providers(key))
+
+    await wait_until(stored, 20, f"{name} published")
+
+
+async def provider(nursery, boot, name="echo"):
+    port = await start_echo_server(nursery)
+    node = await start_node(nursery, bootstrap=(address_of(boot),), expose=(ExposeSpec(name, HostPort("127.0.0.1", port)),))
+    return node
+
+
+async def test_tunnel_by_name_through_the_dht():
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            boot = await start_node(nursery)
+            await provider(nursery, boot)
+            port = free_port()
+            await start_node(
+                nursery, bootstrap=(address_of(boot),), tunnels_by_name=(TunnelByNameSpec("echo", HostPort("127.0.0.1", port)),)
+            )
+            payload = os.urandom(2 * 1024 * 1024)
+            with trio.fail_after(30):
+                while True:  # the provider's record reaches the bootstrap node a moment after start
+                    received = await exchange(port, payload)
+                    if received:
+                        break
+                    await trio.sleep(0.2)
+            assert sha256(received) == sha256(payload)
+            nursery.cancel_scope.cancel()
+
+
+async def test_unknown_name_closes_the_client_and_is_looked_up_again_later():
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            boot = await start_node(nursery)
+            port = free_port()
+            client = await start_node(
+                nursery, bootstrap=(address_of(boot),), tunnels_by_name=(TunnelByNameSpec("late", HostPort("127.0.0.1", port)),)
+            )
+            assert await exchange(port, b"anyone?") == b""  # nobody provides it: closed
+            late = await provider(nursery, boot, name="late")
+            await published(boot, late, "late")
+            # The node did not give up on the name: a later connection finds the provider.
+            with trio.fail_after(30):
+                while (reply := await exchange(port, b"now?")) != b"now?":
+                    assert reply == b""
+                    await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_two_providers_share_connections_and_a_stopped_one_is_skipped():
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            boot = await start_node(nursery)
+            scopes, providers = [], []
+            for _ in range(2):
+                scope = trio.CancelScope()
+                scopes.append(scope)
+
+                async def run_provider(task_status=trio.TASK_STATUS_IGNORED, scope=scope):
+                    with scope:
+                        async with trio.open_nursery() as inner:
+                            task_status.started(await provider(inner, boot))
+                            await trio.sleep_forever()
+
+                providers.append(await nursery.start(run_provider))
+            for p in providers:
+                await published(boot, p, "echo")
+            port = free_port()
+            client = await start_node(
+                nursery, bootstrap=(address_of(boot),), tunnels_by_name=(TunnelByNameSpec("echo", HostPort("127.0.0.1", port)),)
+            )
+            for i in range(4):
+                assert await exchange(port, b"round %d" % i) == b"round %d" % i
+            # Round robin: the four connections were shared between both providers.
+            counts = [p.service.accepted for p in providers]
+            assert counts == [2, 2], counts
+            # Stop one provider: every new connection still works, through the other.
+            scopes[0].cancel()
+            await wait_until(lambda: not client.host.get_network().get_connections(providers[0].peer_id), 10, "gone")
+            before = providers[1].service.accepted
+            for i in range(4):
+                assert await exchange(port, b"after %d" % i) == b"after %d" % i
+            assert providers[1].service.accepted == before + 4
+            nursery.cancel_scope.cancel()
+
+
+async def test_mdns_finds_a_peer_on_the_lan_and_tunnels_by_name():
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = await start_echo_server(nursery)
+            lan = "/ip4/127.0.0.1/tcp/0"
+            import multiaddr
+
+            p = await start_node(
+                nursery, mdns=True, listen=(multiaddr.Multiaddr(lan),), expose=(ExposeSpec("lan-echo", HostPort("127.0.0.1", port)),)
+            )
+            bind = free_port()
+            c = await start_node(
+                nursery, mdns=True, listen=(multiaddr.Multiaddr(lan),),
+                tunnels_by_name=(TunnelByNameSpec("lan-echo", HostPort("127.0.0.1", bind)),),
+            )
+            # No bootstrap at all: the client learns of the provider through mDNS alone.
+            await wait_until(lambda: c.host.get_network().get_connections(p.peer_id), 30, "mdns connection")
+            with trio.fail_after(30):
+                while (reply := await exchange(bind, b"over the lan")) != b"over the lan":
+                    assert reply == b""
+                    await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()

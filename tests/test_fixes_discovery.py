@@ -1,0 +1,79 @@
+"""Library adjustments for discovery and relaying, each shown to matter against the library as shipped."""
+
+from __future__ import annotations
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from conftest import address_of, start_node
+from punchgate.libp2p_fixes import host_addrs
+from punchgate.libp2p_fixes.kad_dht import ServerOnlyKadDHT
+from punchgate.runtime.reachability import check_reachability
+from punchgate.state import NatStatus
+
+LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+RELAY = "12D3KooWAuDFkDGEM9nHzYXD9C3mG4dUy9PAm5yf2BCKTuJQp41T"
+
+
+async def test_get_addrs_keeps_circuit_addresses_whole():
+    circuit = multiaddr.Multiaddr(f"/ip4/203.0.113.9/tcp/4001/p2p/{RELAY}/p2p-circuit")
+    host = new_host(key_pair=create_new_key_pair(), listen_addrs=LOOPBACK, addrs_factory=lambda c: [*c, circuit])
+    async with host.run(listen_addrs=LOOPBACK):
+        me = f"/p2p/{host.get_id()}"
+        fixed = [str(a) for a in host_addrs.get_addrs(host)]
+        shipped = [str(a) for a in host_addrs._original_get_addrs(host)]
+    assert f"{circuit}{me}" in fixed
+    assert f"/ip4/203.0.113.9/tcp/4001{me}" not in fixed
+    # The library as shipped labels the relay's socket with our ID instead.
+    assert f"{circuit}{me}" not in shipped and f"/ip4/203.0.113.9/tcp/4001{me}" in shipped
+
+
+async def _dht_host(nursery, dht_class, mode):
+    host = new_host(key_pair=create_new_key_pair(), listen_addrs=LOOPBACK)
+    dht = dht_class(host, mode)
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        async with host.run(listen_addrs=LOOPBACK), background_trio_service(dht):
+            task_status.started()
+            await trio.sleep_forever()
+
+    await nursery.start(run)
+    return host, dht
+
+
+async def client_lands_in_server_table(server_class) -> bool:
+    """A DHT client provides a key through a server; is the client now in the server's table?"""
+    async with trio.open_nursery() as nursery:
+        server, server_dht = await _dht_host(nursery, server_class, DHTMode.SERVER)
+        client, client_dht = await _dht_host(nursery, KadDHT, DHTMode.CLIENT)
+        await client.connect(info_from_p2p_addr(server.get_addrs()[0]))
+        with trio.fail_after(10):
+            while not await client_dht.add_peer(server.get_id()):
+                await trio.sleep(0.05)  # until identify shows the server's protocols
+            await client_dht.provide("/punchgate/svc/x")
+        found = server_dht.routing_table.peer_in_table(client.get_id())
+        nursery.cancel_scope.cancel()
+    return found
+
+
+async def test_dht_server_does_not_admit_clients():
+    with trio.fail_after(60):
+        assert not await client_lands_in_server_table(ServerOnlyKadDHT)
+        assert await client_lands_in_server_table(KadDHT)  # the defect, as shipped
+
+
+async def test_dial_back_on_loopback_says_public():
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            helper = await start_node(nursery)
+            asker = await start_node(nursery)
+            await asker.host.connect(info_from_p2p_addr(address_of(helper)))
+            status, answer = await check_reachability(asker.host, helper.peer_id)
+            assert status is NatStatus.PUBLIC, answer
+            assert answer["observed"].startswith("127.0.0.1:")
+            nursery.cancel_scope.cancel()
