@@ -21,6 +21,11 @@ import structlog
 LIBRARY_LOGGERS = ("py", "libp2p", "aioquic", "zeroconf", "async_service", "multiaddr", "quic", "trio_websocket")
 
 
+# Library loggers that report normal events as errors; silenced unless debugging.
+# circuit_v2.protocol logs "Error reading from hop stream" at the end of every hop stream.
+MISLEADING_LOGGERS = ("libp2p.relay.circuit_v2.protocol",)
+
+
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     stream = stream if stream is not None else sys.stderr
     numeric = logging.getLevelName(level.upper())
@@ -50,7 +55,7 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     # A filter, not logger levels: some library modules set their own logger's level on import.
-    handler.addFilter(lambda record: record.levelno >= library_level or not _is_library(record.name))
+    handler.addFilter(lambda record: _keep(record, library_level))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
@@ -63,8 +68,12 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
     logging.captureWarnings(True)
 
 
-def _is_library(logger_name: str) -> bool:
-    return logger_name.split(".", 1)[0] in LIBRARY_LOGGERS
+def _keep(record: logging.LogRecord, library_level: int) -> bool:
+    if record.name.split(".", 1)[0] not in LIBRARY_LOGGERS:
+        return True
+    if library_level > logging.DEBUG and record.name in MISLEADING_LOGGERS:
+        return record.levelno >= logging.CRITICAL
+    return record.levelno >= library_level
 
 
 def get_logger(name: str = "punchgate") -> structlog.stdlib.BoundLogger:

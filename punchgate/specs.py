@@ -186,3 +186,12 @@ def parse_interval(text: str) -> float:
     if not 1 <= seconds <= 86400:
         raise SpecError(f"{seconds:g} s is outside 1-86400 s")
     return seconds
+
+
+def without_peer_id(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    """``addr`` without a trailing ``/p2p/<id>`` (an inner one, as in a circuit, stays)."""
+    names = [p.name for p in addr.protocols()]
+    if names and names[-1] == "p2p":
+        text = str(addr)
+        return multiaddr.Multiaddr(text[: text.rindex("/p2p/")])
+    return addr

@@ -17,15 +17,9 @@ from __future__ import annotations
 import multiaddr
 from libp2p.host.basic_host import BasicHost
 
+from punchgate.specs import without_peer_id
+
 _original_get_addrs = BasicHost.get_addrs
-
-
-def _without_trailing_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
-    protocols = list(addr.protocols())
-    if protocols and protocols[-1].name == "p2p":
-        text = str(addr)
-        return multiaddr.Multiaddr(text[: text.rindex("/p2p/")])
-    return addr
 
 
 def get_addrs(self: BasicHost) -> list[multiaddr.Multiaddr]:
@@ -38,7 +32,7 @@ def get_addrs(self: BasicHost) -> list[multiaddr.Multiaddr]:
                 candidates.append(observed)
     factory = getattr(self, "_addrs_factory", None)
     addrs = list(factory(candidates)) if factory is not None else candidates
-    return [_without_trailing_p2p(a).encapsulate(own) for a in addrs]
+    return [without_peer_id(a).encapsulate(own) for a in addrs]
 
 
 def install() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import trio
 from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.peer.id import ID
 
@@ -27,7 +26,7 @@ from punchgate.runtime.holepunch import HolePuncher
 from punchgate.runtime.host import NoRouteError, dial_tcp, live_connection, open_stream_on
 from punchgate.runtime.relay import Relays
 
-PUNCH_WAIT = 5.0
+PUNCH_WAIT = 3.0  # a punch through port-preserving NATs takes ~0.25 s
 
 log = get_logger("punchgate.paths")
 

@@ -28,7 +28,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.logs import get_logger
 from punchgate.runtime.addresses import AddressBook
-from punchgate.specs import transport_of
+from punchgate.specs import transport_of, without_peer_id
 from punchgate.state import events as ev
 
 RELAY_LIMITS = RelayLimits(
@@ -130,18 +130,22 @@ class Relays:
     def _circuit_addrs(self, relay_id: ID) -> list[multiaddr.Multiaddr]:
         """``<relay's public TCP address>/p2p/<relay>/p2p-circuit`` for each such address."""
         result = []
-        for addr in self.host.get_peerstore().addrs(relay_id):
-            if transport_of(addr) != "tcp":
-                continue
-            ip = addr.value_for_protocol("ip4") if "/ip4/" in str(addr) else None
-            if ip is not None and ip.startswith("0."):
-                continue
-            result.append(multiaddr.Multiaddr(f"{addr}/p2p/{relay_id}/p2p-circuit"))
+        for addr in self._relay_tcp_addrs(relay_id):
+            circuit = multiaddr.Multiaddr(f"{addr}/p2p/{relay_id}/p2p-circuit")
+            if circuit not in result:
+                result.append(circuit)
         return result
+
+    def _relay_tcp_addrs(self, relay_id: ID) -> list[multiaddr.Multiaddr]:
+        return [
+            without_peer_id(a)
+            for a in self.host.get_peerstore().addrs(relay_id)
+            if transport_of(a) == "tcp" and not str(a).startswith("/ip4/0.0.0.0/")
+        ]
 
     async def dial_through(self, relay_id: ID, peer_id: ID) -> INetConn:
         """A relayed connection to ``peer_id`` through ``relay_id``."""
-        relay_addrs = [a for a in self.host.get_peerstore().addrs(relay_id) if transport_of(a) == "tcp"]
+        relay_addrs = self._relay_tcp_addrs(relay_id)
         if not relay_addrs:
             raise ConnectionError(f"no TCP address known for relay {relay_id}")
         target = multiaddr.Multiaddr(f"{relay_addrs[0]}/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}")
