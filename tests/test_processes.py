@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -117,3 +118,34 @@ def test_sigterm_closes_open_tunnels_and_exits_0_within_5s(tmp_path, processes, 
     provider.wait_event("tunnel closed", timeout=10)
     code, seconds = provider.terminate_and_wait(timeout=10)
     assert code == 0 and seconds < 5, (code, seconds)
+
+
+def test_provider_killed_closes_the_local_client_within_5s(tmp_path, processes, echo_port):
+    provider = processes(
+        "--identity", identity_path(tmp_path, "p"), "--listen", LOOPBACK, "--no-mdns",
+        "--expose", f"echo=127.0.0.1:{echo_port}",
+    )
+    provider_id = provider.wait_event("punchgate starting")["peer_id"]
+    port = free_port()
+    client = processes(
+        "--identity", identity_path(tmp_path, "c"), "--listen", LOOPBACK, "--no-mdns",
+        "--bootstrap", provider.tcp_address(), "--tunnel", f"{provider_id}:echo@127.0.0.1:{port}",
+    )
+    client.wait_event("phase transition", to_phase="ready")
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(b"are you there?")
+    assert conn.recv(100) == b"are you there?"
+
+    provider.proc.kill()  # SIGKILL: no goodbye from the provider
+    provider.proc.wait(timeout=10)
+    started = time.monotonic()
+    conn.settimeout(10)
+    try:
+        assert conn.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    closed_after = time.monotonic() - started
+    conn.close()
+    assert closed_after < 5, closed_after
+    event = client.wait_event("client tunnel closed")
+    assert event["bytes_from_remote"] == len(b"are you there?")

@@ -33,7 +33,7 @@ from punchgate.state import events as ev
 
 RELAY_LIMITS = RelayLimits(
     duration=2 * 3600,  # seconds one relayed connection may last
-    data=1 << 30,  # bytes one relayed connection may carry
+    data=8 << 30,  # bytes one relayed connection may carry (it may hold many tunnel streams)
     max_circuit_conns=128,  # relayed connections at once
     max_reservations=128,  # peers holding a slot at once
     reservation_ttl=3600,
