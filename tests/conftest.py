@@ -92,5 +92,18 @@ async def exchange(port: int, payload: bytes, chunk: int = 256 * 1024) -> bytes:
     return bytes(received)
 
 
+async def exchange_all(port: int, payloads: list[bytes]) -> list[bytes]:
+    """Run :func:`exchange` for every payload at once, each on its own connection."""
+    results: list[bytes] = [b""] * len(payloads)
+
+    async def one(i: int) -> None:
+        results[i] = await exchange(port, payloads[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(payloads)):
+            nursery.start_soon(one, i)
+    return results
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

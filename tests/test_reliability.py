@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import address_of, exchange, free_port, sha256, start_echo_server, start_node
+from conftest import address_of, exchange_all, free_port, sha256, start_echo_server, start_node
 from punchgate.specs import ExposeSpec, HostPort, TunnelSpec
 
 MIB = 1024 * 1024
@@ -189,19 +189,12 @@ async def test_service_going_away_closes_the_remote_client():
 
 async def test_1000_concurrent_connections_each_echo_64k():
     payloads = [os.urandom(64 * 1024) for _ in range(1000)]
-    results: dict[int, bytes] = {}
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
             _, _, port = await tunnel_to(nursery, await start_echo_server(nursery))
-
-            async def one(i: int) -> None:
-                results[i] = await exchange(port, payloads[i])
-
-            async with trio.open_nursery() as clients:
-                for i in range(len(payloads)):
-                    clients.start_soon(one, i)
+            results = await exchange_all(port, payloads)
             nursery.cancel_scope.cancel()
-    bad = [i for i, p in enumerate(payloads) if results.get(i) != p]
+    bad = [i for i, p in enumerate(payloads) if results[i] != p]
     assert not bad, f"{len(bad)} of 1000 connections wrong, e.g. {bad[:5]}"
 
 

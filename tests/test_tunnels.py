@@ -15,7 +15,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
-from conftest import address_of, exchange, free_port, sha256, start_echo_server, start_node
+from conftest import address_of, exchange, exchange_all, free_port, sha256, start_echo_server, start_node
 from punchgate.specs import ExposeSpec, HostPort, TunnelSpec
 from punchgate.wire import MAX_MESSAGE_SIZE, PROTOCOL_ID, FrameDecoder, encode_request, parse_response
 
@@ -59,19 +59,11 @@ async def test_50_mb_payload_sha256_end_to_end():
 
 async def test_50_concurrent_connections_through_one_tunnel():
     payloads = [os.urandom(256 * 1024 + i) for i in range(50)]
-    results: dict[int, bytes] = {}
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             _, _, port = await expose_and_tunnel(nursery)
-
-            async def one(i: int) -> None:
-                results[i] = await exchange(port, payloads[i])
-
-            async with trio.open_nursery() as clients:
-                for i in range(len(payloads)):
-                    clients.start_soon(one, i)
+            results = await exchange_all(port, payloads)
             nursery.cancel_scope.cancel()
-    assert sorted(results) == list(range(50))
     for i, payload in enumerate(payloads):
         assert sha256(results[i]) == sha256(payload), f"connection {i} corrupted"
 
