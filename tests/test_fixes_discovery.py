@@ -76,4 +76,6 @@ async def test_dial_back_on_loopback_says_public():
             status, answer = await check_reachability(asker.host, helper.peer_id)
             assert status is NatStatus.PUBLIC, answer
             assert answer["observed"].startswith("127.0.0.1:")
+            assert answer["port_preserving"] is True  # no NAT between: the helper sees our own port
+            assert answer["observed"] == answer["local"]
             nursery.cancel_scope.cancel()

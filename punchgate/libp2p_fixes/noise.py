@@ -94,6 +94,12 @@ class NoiseSession(SecureSession):
         # cryptography >= 45 can encrypt into our buffer; older versions allocate.
         self._aead_into = getattr(self._encryptor.cipher.cipher, "encrypt_into", None)
 
+    def get_local_address(self) -> tuple[str, int] | None:
+        """Our end of the TCP connection under this session (None for other transports)."""
+        if not self._fast or self._socket is None:
+            return None
+        return tuple(self._socket.getsockname()[:2])
+
     # -- receiving -----------------------------------------------------------
 
     async def _recv_into(self, view: memoryview) -> int:

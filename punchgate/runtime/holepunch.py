@@ -4,7 +4,9 @@ A tunnel that reaches its peer only through a relay asks :meth:`HolePuncher.atte
 for a direct connection. The first request starts a punch in the background (at most
 :data:`PUNCH_TIMEOUT` seconds); every request waits for it at most ``wait`` seconds,
 so a tunnel never hangs on a punch. A failed punch is not retried for
-:data:`RETRY_AFTER` seconds: meanwhile tunnels use the relay at once.
+:data:`RETRY_AFTER` seconds: meanwhile tunnels use the relay at once. When the
+reachability check found that our own NAT maps ports at random (``futile_because``),
+no punch is tried at all: DCUtR predicts our port as the one we listen on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class HolePuncher:
         self.dcutr = BoundedDCUtR(host, dial_timeout=DIAL_TIMEOUT)
         self._attempts: dict[ID, _Attempt] = {}
         self._nursery: trio.Nursery | None = None
+        self._skipped: set[ID] = set()
+        self.futile_because: str | None = None  # set when a punch cannot work from here
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.dcutr), trio.open_nursery() as nursery:
@@ -52,6 +56,14 @@ class HolePuncher:
         """Whether a direct TCP connection to ``peer_id`` exists after waiting at most ``wait`` s."""
         if live_connection(self.host, peer_id, "tcp") is not None:
             return True
+        if self.futile_because is not None:
+            if peer_id not in self._skipped:
+                self._skipped.add(peer_id)
+                log.info(
+                    "hole punch", peer=str(peer_id), outcome="skipped", duration_ms=0.0,
+                    reason=self.futile_because, fallback="relayed",
+                )
+            return False
         attempt = self._attempts.get(peer_id)
         stale = attempt is not None and attempt.done.is_set() and (
             attempt.succeeded or time.monotonic() - attempt.finished_at > RETRY_AFTER

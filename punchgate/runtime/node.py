@@ -211,9 +211,18 @@ class Node:
             status=status.value,
             checked_by=peer_id,
             observed=answer.get("observed"),
+            local=answer.get("local"),
+            port_preserving=answer.get("port_preserving"),
             error=answer.get("error"),
             duration_ms=round((trio.current_time() - started) * 1000, 1),
         )
+        if status is NatStatus.PRIVATE and answer.get("port_preserving") is False:
+            self.puncher.futile_because = (
+                f"our NAT maps ports at random (local {answer['local']} seen as {answer['observed']}):"
+                " a hole punch cannot work"
+            )
+        elif status is not NatStatus.UNKNOWN:
+            self.puncher.futile_because = None
         self.post(ev.NatStatusObserved(status))
 
     def _connected_bootstrap_peers(self) -> list[ID]:

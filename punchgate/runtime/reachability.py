@@ -12,7 +12,9 @@ py-libp2p's AutoNAT answers PUBLIC for anything: its dial-back goes through
    connection.
 
 Behind a NAT with a stateful firewall the dial-back is dropped, so the answer is
-"not reachable" after :data:`DIALBACK_TIMEOUT`. Servers refuse requests over relayed
+"not reachable" after :data:`DIALBACK_TIMEOUT`. The answer also carries the address
+the helper sees; comparing its port with our end of the connection tells whether our
+NAT keeps ports (a hole punch needs that) or maps them at random (symmetric NAT). Servers refuse requests over relayed
 connections and answer each peer at most once per :data:`MIN_INTERVAL`.
 """
 
@@ -101,6 +103,7 @@ async def check_reachability(host: IHost, server: ID) -> tuple[NatStatus, dict]:
         return NatStatus.UNKNOWN, {"error": "no TCP listen address"}
     with trio.fail_after(REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS):
         stream = await host.new_stream(server, [TProtocol(PROTOCOL_ID)])
+        local = _local_address(stream)
         try:
             await stream.write(encode({"ports": ports}))
             answer, _ = await read_message(stream, REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS)
@@ -109,4 +112,15 @@ async def check_reachability(host: IHost, server: ID) -> tuple[NatStatus, dict]:
                 await stream.close()
     if "error" in answer:
         return NatStatus.UNKNOWN, answer
+    observed = str(answer.get("observed", ""))
+    if local is not None and observed.rpartition(":")[2].isdigit():
+        answer["local"] = f"{local[0]}:{local[1]}"
+        answer["port_preserving"] = int(observed.rpartition(":")[2]) == local[1]
     return (NatStatus.PUBLIC if answer.get("reachable") is True else NatStatus.PRIVATE), answer
+
+
+def _local_address(stream: INetStream) -> tuple[str, int] | None:
+    """Our end of the TCP connection a stream runs on, when our Noise session can tell."""
+    secured = getattr(stream.muxed_conn, "secured_conn", None)
+    get_local = getattr(secured, "get_local_address", None)
+    return get_local() if callable(get_local) else None
