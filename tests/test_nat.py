@@ -55,6 +55,8 @@ SETUP_TIMEOUT = 30  # reachability, relay reservation, service publication
 FIRST_ECHO_TIMEOUT = 60  # first connection: resolution, relay connection, handshake
 PUNCH_TIMEOUT = 40  # the "hole punch" event after the first connection
 PAYLOAD_TIMEOUT = 60
+STALL_BYTES = 100 * 1024 * 1024  # relayed: a 100 MB echo whose reader stalls ...
+STALL_SECONDS = float(os.environ.get("PUNCHGATE_STALL_TEST_SECONDS", "60"))  # ... this long
 CLOSE_LIMIT = 10  # (d): the client connection must end this soon after the provider dies
 
 pytestmark = [
@@ -86,6 +88,7 @@ except OSError as exc:
     sys.exit(0)
 if mode == "echo":
     size, limit = int(sys.argv[3]), float(sys.argv[4])
+    stall_at, stall_for = (int(sys.argv[5]), float(sys.argv[6])) if len(sys.argv) > 6 else (None, 0.0)
     payload = os.urandom(size)
     send_error = []
     def send():
@@ -107,6 +110,9 @@ if mode == "echo":
                 first_byte = time.monotonic() - started
             digest.update(data)
             received += len(data)
+            if stall_at is not None and received >= stall_at:
+                stall_at = None
+                time.sleep(stall_for)  # the reader stops reading: back-pressure must hold
         else:
             error = "time limit"
     except OSError as exc:
@@ -282,9 +288,13 @@ class NatLab:
     def client(self, name: str, *args: str) -> tuple[subprocess.Popen, LineReader]:
         return self.helper(name, "hostb", sys.executable, "-c", CLIENT, *args)
 
-    def echo_through_tunnel(self, name: str, size: int, timeout: float) -> dict:
-        """Run an "echo" client in hostb; its result line (it gives up after ``timeout``)."""
-        _, reader = self.client(name, "echo", str(TUNNEL_PORT), str(size), str(timeout))
+    def echo_through_tunnel(self, name: str, size: int, timeout: float, stall: tuple[int, float] | None = None) -> dict:
+        """Run an "echo" client in hostb; its result line (it gives up after ``timeout``).
+
+        With ``stall=(n, s)`` the client stops reading for s seconds after n bytes.
+        """
+        extra = [str(stall[0]), str(stall[1])] if stall else []
+        _, reader = self.client(name, "echo", str(TUNNEL_PORT), str(size), str(timeout), *extra)
         _, line = reader.wait(lambda text: text.startswith("{"), timeout + 15, f"{name} result")
         return json.loads(line)
 
@@ -392,6 +402,13 @@ def run_scenario(lab: NatLab, symmetric: bool) -> None:
         assert opened["path"] == "relayed", f"symmetric NAT: the tunnel must use the relay: {opened}"
         rc, flows = lab.direct()
         assert rc == 1, f"symmetric NAT: a direct flow between the routers exists:\n{flows}"
+        # The relayed data path under a reader that stops for a minute mid-transfer.
+        stalled = lab.echo_through_tunnel(
+            "stalling client", STALL_BYTES, STALL_SECONDS + 180, stall=(10 * 1024 * 1024, STALL_SECONDS)
+        )
+        lab.note(f"relayed {STALL_BYTES} B echo with a {STALL_SECONDS:.0f} s reader stall: {stalled}")
+        assert stalled["error"] is None and stalled["received"] == STALL_BYTES, f"stalled transfer: {stalled}"
+        assert stalled["received_sha256"] == stalled["sent_sha256"], f"stalled transfer corrupted: {stalled}"
     else:
         # (b) direct: the client says so, and the routers' conntrack tables agree.
         assert opened["path"] == "direct", f"the tunnel did not use the direct connection: {opened}"
