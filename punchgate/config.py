@@ -105,6 +105,18 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+METAVARS = {
+    "--identity": "PATH",
+    "--listen": "MULTIADDR",
+    "--bootstrap": "MULTIADDR",
+    "--expose": "NAME=HOST:PORT",
+    "--tunnel": "PEER_ID:SERVICE@HOST:PORT",
+    "--tunnel-by-name": "SERVICE@HOST:PORT",
+    "--log-format": "console|json",
+    "--republish-interval": "SECONDS",
+}
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="punchgate",
@@ -116,8 +128,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--listen": "multiaddr to listen on (repeatable; default TCP and QUIC on all interfaces)",
         "--bootstrap": "peer to dial at start, /ip4/…/tcp/…/p2p/ID (repeatable)",
         "--expose": "serve local TCP service NAME=HOST:PORT to the mesh (repeatable)",
-        "--tunnel": "forward local BIND_HOST:PORT to PEER_ID's SERVICE (repeatable)",
-        "--tunnel-by-name": "forward local BIND_HOST:PORT to whoever provides SERVICE (repeatable)",
+        "--tunnel": "forward local HOST:PORT to PEER_ID's SERVICE (repeatable)",
+        "--tunnel-by-name": "forward local HOST:PORT to whoever provides SERVICE (repeatable)",
         "--log-format": "console (default) or json (one object per line)",
         "--republish-interval": "seconds between re-announcements of exposed services (default 300)",
     }
@@ -126,7 +138,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             flag.name,
             dest=_dest(flag),
             action="append" if flag.repeatable else "store",
-            metavar=flag.name.lstrip("-").upper().replace("-", "_"),
+            metavar=METAVARS[flag.name],
             help=helps[flag.name],
         )
     parser.add_argument(

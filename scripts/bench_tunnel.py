@@ -960,6 +960,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rtt-count", type=int, default=None, help="1-byte round trips (default 2000)")
     parser.add_argument("--setup-count", type=int, default=None, help="fresh connections (default 50)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 MB, 1 run, 200 RTTs, 10 setups")
+    parser.add_argument(
+        "--paths", default="raw,ssh,direct,relayed",
+        help="comma-separated subset of raw,ssh,direct,relayed to measure (default all)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the helper process
     args = parser.parse_args(argv)
     defaults = (20, 1, 200, 10) if args.quick else (500, 3, 2000, 50)
@@ -968,6 +972,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, name, default)
     if args.size_mb <= 0 or args.runs < 1 or args.rtt_count < 1 or args.setup_count < 1:
         parser.error("--size-mb, --runs, --rtt-count and --setup-count must be positive")
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if unknown := [p for p in args.paths if p not in ("raw", "ssh", "direct", "relayed")]:
+        parser.error(f"--paths: unknown {', '.join(unknown)} (choose from raw,ssh,direct,relayed)")
     return args
 
 
@@ -1030,11 +1037,15 @@ def main(argv: list[str]) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     na: dict[str, str] = {"quic": QUIC_REASON}
-    if missing := ssh_missing():
-        na["ssh"] = missing
-    else:
-        info["ssh"] = ssh_versions()
-    if blocked := iptables_available():
+    for column in ("raw", "ssh", "direct", "relayed"):
+        if column not in args.paths:
+            na[column] = "not selected (--paths)"
+    if "ssh" not in na:
+        if missing := ssh_missing():
+            na["ssh"] = missing
+        else:
+            info["ssh"] = ssh_versions()
+    if "relayed" not in na and (blocked := iptables_available()):
         na["relayed"] = f"cannot force the relayed path on loopback: {blocked}"
 
     say(f"punchgate {info['punchgate']} tunnel benchmark: python {info['python']}, {info['cpus']} CPUs, "
@@ -1093,6 +1104,8 @@ def main(argv: list[str]) -> int:
                 if column == "ssh":
                     notes.append(f"CPU is ssh + sshd and its per-connection children; cipher "
                                  f"{info['ssh']['cipher']} (OpenSSH default)")
+                if result["transfers_ok"] < len(result["transfers"]):
+                    failed = True  # keep the logs
                 result["notes"] = notes
                 result["seconds"] = round(time.monotonic() - column_started, 1)
                 results[column] = result
