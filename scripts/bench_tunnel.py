@@ -576,11 +576,13 @@ class RelayedPath(PunchgatePath):
         self.sink_port, self.echo_port = free_port(), free_port()
 
     def start(self, sink: int, echo: int) -> None:
+        self.targets = (sink, echo)
+        n = self.restarts
         relay = PunchgateProcess(
-            "--identity", str(self.workdir / "relay.key"), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
+            "--identity", str(self.workdir / f"relay-{n}.key"), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
             env=node_env(),
         )
-        self.cleanup.add("relay node", lambda: stop_punchgate(relay, self.workdir / "relay.log"))
+        self.cleanup.add("relay node", lambda: stop_punchgate(relay, self.workdir / f"relay-{n}.log"))
         self.carriers.append(relay)
         self.relay_addr = relay.wait_for(
             lambda e: e.get("event") == "listening on" and "/tcp/" in e.get("address", ""), START_TIMEOUT
@@ -590,12 +592,14 @@ class RelayedPath(PunchgatePath):
         provider_port = free_port()
         self.blocks.block(provider_port)
         provider = PunchgateProcess(
-            "--identity", str(self.workdir / "relayed-provider.key"),
+            "--identity", str(self.workdir / f"relayed-provider-{n}.key"),
             "--listen", f"/ip4/127.0.0.1/tcp/{provider_port}", "--no-mdns", "--bootstrap", self.relay_addr,
             "--expose", f"sink=127.0.0.1:{sink}", "--expose", f"echo=127.0.0.1:{echo}",
             env=node_env(),
         )
-        self.cleanup.add("relayed provider", lambda: stop_punchgate(provider, self.workdir / "relayed-provider.log"))
+        self.cleanup.add(
+            "relayed provider", lambda: stop_punchgate(provider, self.workdir / f"relayed-provider-{n}.log")
+        )
         self.carriers.append(provider)
         provider.wait_event("reachability", SETUP_TIMEOUT, status="private")
         provider.wait_event("relay reservation accepted", SETUP_TIMEOUT)
@@ -608,12 +612,19 @@ class RelayedPath(PunchgatePath):
             )
         self.start_client()
 
+    def restart(self) -> None:
+        """A fresh relay, provider and client (new identities, new circuit), nothing left over."""
+        assert self.client is not None
+        n = self.restarts
+        stop_punchgate(self.client, self.workdir / f"relayed-client-{n}.log")
+        self.former_clients.append(self.client)
+        for node, name in zip(self.carriers, ("relay", "relayed-provider")):
+            stop_punchgate(node, self.workdir / f"{name}-{n}.log")
+        self.carriers, self.client = [], None
+        self.restarts += 1
+        self.start(*self.targets)
+
     def start_client(self) -> None:
-        if self.client is not None:
-            old = self.client
-            stop_punchgate(old, self.workdir / f"relayed-client-{self.restarts}.log")
-            self.former_clients.append(old)
-            self.restarts += 1
         client_port = free_port()
         self.blocks.block(client_port)
         client = PunchgateProcess(
@@ -651,7 +662,7 @@ class RelayedPath(PunchgatePath):
 
     def before_transfer(self, size: int) -> None:
         if self.circuit_bytes + size > CIRCUIT_BUDGET:
-            self.start_client()
+            self.restart()
 
     def after_transfer(self, size: int) -> None:
         self.circuit_bytes += size
@@ -1098,8 +1109,8 @@ def main(argv: list[str]) -> int:
                     notes.append("client hole punch (before measuring): " + "; ".join(relayed.punches))
                     if relayed.restarts:
                         notes.append(
-                            f"client restarted {relayed.restarts}x between transfers (new circuit) because a "
-                            f"relay circuit carries at most {CIRCUIT_LIMIT >> 20} MiB"
+                            f"relay, provider and client restarted {relayed.restarts}x between transfers (new "
+                            f"circuit) because a relay circuit carries at most {CIRCUIT_LIMIT >> 20} MiB"
                         )
                 if column == "ssh":
                     notes.append(f"CPU is ssh + sshd and its per-connection children; cipher "

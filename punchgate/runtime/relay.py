@@ -31,11 +31,10 @@ from punchgate.runtime.addresses import AddressBook
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.state import events as ev
 
-# The library applies these per reservation (i.e. per peer reachable through us):
 RELAY_LIMITS = RelayLimits(
-    duration=2 * 3600,  # seconds one relayed connection may last
-    data=8 << 30,  # bytes relayed to/from one reserved peer over its reservation's life
-    max_circuit_conns=128,  # relayed connections to one reserved peer at once
+    duration=2 * 3600,  # seconds one relayed connection (circuit) may last
+    data=8 << 30,  # bytes one circuit may carry, both directions together
+    max_circuit_conns=128,  # circuits to one reserved peer at once
     max_reservations=128,  # peers holding a slot at once
     reservation_ttl=3600,
 )
