@@ -83,6 +83,18 @@ def test_taken_tunnel_port_fails_the_start(tmp_path, processes):
     assert any(e["event"] == "cannot start" for e in proc.events())
 
 
+def test_taken_listen_port_fails_the_start(tmp_path, processes):
+    """py-libp2p listens with SO_REUSEPORT: without our check two nodes would share a port."""
+    port = free_port()
+    first = processes("--identity", identity_path(tmp_path, "a"), "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--no-mdns")
+    first.wait_event("phase transition", to_phase="ready")
+    second = processes("--identity", identity_path(tmp_path, "b"), "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--no-mdns")
+    assert second.proc.wait(timeout=30) == 1
+    second.drain()
+    failure = next(e for e in second.events() if e["event"] == "cannot start")
+    assert f"/tcp/{port}" in failure["reason"] and "in use" in failure["reason"]
+
+
 def test_sigterm_closes_open_tunnels_and_exits_0_within_5s(tmp_path, processes, echo_port):
     provider = processes(
         "--identity", identity_path(tmp_path, "p"), "--listen", LOOPBACK, "--expose", f"echo=127.0.0.1:{echo_port}"

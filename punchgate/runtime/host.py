@@ -14,6 +14,7 @@ Decisions:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 import multiaddr
@@ -38,6 +39,29 @@ from punchgate.specs import transport_of
 DIAL_TIMEOUT = 10.0
 NEGOTIATE_TIMEOUT = 10
 PEERSTORE_TTL = 365 * 24 * 3600  # addresses given by the user do not expire
+
+
+def check_ports_free(listen_addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    """Fail (OSError) if a fixed listen port is taken.
+
+    py-libp2p listens with SO_REUSEPORT (hole punching dials from the listen port), so
+    a second node on the same port would silently share it, the kernel splitting
+    connections between the two. A probe without SO_REUSEPORT finds the owner.
+    """
+    for addr in listen_addrs:
+        kind = transport_of(addr)
+        port = int(addr.value_for_protocol("tcp" if kind == "tcp" else "udp"))
+        if port == 0:
+            continue
+        ip6 = "/ip6/" in str(addr)
+        host = addr.value_for_protocol("ip6" if ip6 else "ip4")
+        family = socket.AF_INET6 if ip6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
 
 
 class NoRouteError(Exception):

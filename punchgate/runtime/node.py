@@ -29,7 +29,13 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from punchgate.config import Config
 from punchgate.logs import get_logger
-from punchgate.runtime.host import DIAL_TIMEOUT, PEERSTORE_TTL, build_host, connection_transport
+from punchgate.runtime.host import (
+    DIAL_TIMEOUT,
+    PEERSTORE_TTL,
+    build_host,
+    check_ports_free,
+    connection_transport,
+)
 from punchgate.runtime.pinger import Pinger
 from punchgate.runtime.addresses import AddressBook
 from punchgate.runtime.discovery import Discovery, service_key
@@ -93,6 +99,7 @@ class Node:
             pass  # the loop has ended; nothing listens any more
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        check_ports_free(self.config.listen)
         for client in self.clients:
             await client.open_listeners()
         for peer_id, addrs in self.bootstrap_addrs.items():
