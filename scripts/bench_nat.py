@@ -32,15 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -49,46 +45,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from punchgate.devtools.processes import PunchgateProcess  # noqa: E402
-
-LAB = REPO_ROOT / "scripts" / "netns_lab.sh"
-ECHO_SERVER = REPO_ROOT / "scripts" / "echo_server.py"
-PUB_IP = "100.64.0.10"
-NODE_PORT = 4001
-ECHO_PORT = 7777
-TUNNEL_PORT = 2222
+from punchgate.devtools.natlab import NatLab  # noqa: E402
 
 START_TIMEOUT = 30
 SETUP_TIMEOUT = 30
 CONNECTION_TIMEOUT = 60
 PUNCH_TIMEOUT = 40
-
-# Runs inside hostb: connect to the tunnel, send a short message, time the first echoed
-# byte, read the rest; one JSON line.
-CLIENT = r"""
-import json, socket, sys, time
-port, limit = int(sys.argv[1]), float(sys.argv[2])
-message = b"punchgate first byte\n"
-started = time.monotonic()
-result = {"first_byte_ms": None, "error": None}
-try:
-    with socket.create_connection(("127.0.0.1", port), timeout=limit) as conn:
-        result["connect_ms"] = round((time.monotonic() - started) * 1000, 2)
-        conn.sendall(message)
-        got = b""
-        while len(got) < len(message):
-            data = conn.recv(4096)
-            if not data:
-                break
-            if not got:
-                result["first_byte_ms"] = round((time.monotonic() - started) * 1000, 2)
-            got += data
-        if got != message:
-            result["error"] = "echo was " + repr(got)
-except OSError as exc:
-    result["error"] = repr(exc)
-print(json.dumps(result), flush=True)
-"""
 
 METRICS = [
     ("start_to_ready_hosta_ms", "start to ready, hosta"),
@@ -107,161 +69,52 @@ class RunFailed(Exception):
     pass
 
 
-def lab_command(command: str, prefix: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(LAB), command, "--prefix", prefix, *args],
-        check=False, capture_output=True, text=True, timeout=timeout,
-    )
-
-
 def event_time(event: dict) -> float:
     """The event's ISO UTC timestamp as seconds since the epoch."""
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
-class Run:
-    """One lab with its processes; ``close`` kills them by PID and removes the lab."""
-
-    def __init__(self, number: int, workdir: Path) -> None:
-        self.prefix = f"pgb{os.getpid() % 100000}-{number}-{secrets.token_hex(2)}"
-        self.workdir = workdir
-        self.nodes: dict[str, PunchgateProcess] = {}
-        self.helpers: list[subprocess.Popen] = []
-        self.lab_is_up = False
-
-    def ns(self, role: str) -> list[str]:
-        return ["ip", "netns", "exec", f"{self.prefix}-{role}"]
-
-    def up(self) -> None:
-        self.lab_is_up = True  # from here on, "down" is due even if "up" fails half-way
-        result = lab_command("up", self.prefix)
-        if result.returncode != 0:
-            raise RunFailed(f"lab up failed: {result.stderr.strip()}")
-
-    def close(self) -> None:
-        for node in self.nodes.values():
-            try:
-                node.kill()
-            except (OSError, subprocess.TimeoutExpired):
-                pass  # "down" terminates what is left in the namespaces
-        for proc in self.helpers:
-            if proc.poll() is None:
-                proc.kill()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
-        if self.lab_is_up:
-            result = lab_command("down", self.prefix)
-            if result.returncode != 0:
-                print(f"warning: lab {self.prefix} down failed: {result.stderr.strip()}", file=sys.stderr)
-            self.lab_is_up = False
-
-    def node(self, name: str, role: str, *args: str) -> PunchgateProcess:
-        self.nodes[name] = PunchgateProcess(
-            "--identity", str(self.workdir / f"{self.prefix}-{name}.key"),
-            "--listen", f"/ip4/0.0.0.0/tcp/{NODE_PORT}",
-            "--no-mdns",
-            *args,
-            wrapper=self.ns(role),
-        )
-        return self.nodes[name]
-
-    def expect(self, name: str, event: str, timeout: float, nth: int = 1, **fields) -> dict:
-        """The ``nth`` event called ``event`` with ``fields`` in NAME's log, waiting up to ``timeout``."""
-        seen = 0
-
-        def match(e: dict) -> bool:
-            nonlocal seen
-            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()):
-                seen += 1
-                return seen == nth
-            return False
-
-        try:
-            return self.nodes[name].wait_for(match, timeout)
-        except AssertionError as exc:
-            why = str(exc).split("; log:\n")[0]
-            raise RunFailed(f"{name}: no {event!r} #{nth} {fields or ''} within {timeout} s ({why})") from None
-
-    def maybe(self, name: str, event: str, timeout: float, **fields) -> dict | None:
-        try:
-            return self.nodes[name].wait_event(event, timeout=timeout, **fields)
-        except AssertionError:
-            return None
-
-    def start_echo_server(self) -> None:
-        proc = subprocess.Popen(
-            [*self.ns("hosta"), sys.executable, str(ECHO_SERVER), "--host", "127.0.0.1", "--port", str(ECHO_PORT)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self.helpers.append(proc)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
-        try:
-            line = lines.get(timeout=20)
-        except queue.Empty:
-            raise RunFailed("echo server did not start within 20 s") from None
-        if "listening" not in line:
-            raise RunFailed(f"echo server: {line.strip()}")
-
-    def first_byte(self) -> dict:
-        """One connection through hostb's tunnel port, timed by a client inside hostb."""
-        try:
-            result = subprocess.run(
-                [*self.ns("hostb"), sys.executable, "-c", CLIENT, str(TUNNEL_PORT), str(CONNECTION_TIMEOUT)],
-                check=False, capture_output=True, text=True, timeout=CONNECTION_TIMEOUT + 15,
-            )
-        except subprocess.TimeoutExpired:
-            raise RunFailed("tunnel client did not finish") from None
-        try:
-            answer = json.loads(result.stdout.strip().splitlines()[-1])
-        except (IndexError, ValueError):
-            raise RunFailed(f"tunnel client: {result.stdout}{result.stderr}") from None
-        if answer["error"]:
-            raise RunFailed(f"tunnel client: {answer['error']}")
-        return answer
-
-    def logs(self, last: int = 40) -> str:
-        return "\n".join(
-            f"--- {name} (pid {node.pid}, exit {node.proc.poll()}):\n{node.log_text(last=last)}"
-            for name, node in self.nodes.items()
-        )
+def maybe(lab: NatLab, name: str, event: str, timeout: float, **fields) -> dict | None:
+    """NAME's event called EVENT, or None if it does not come within TIMEOUT."""
+    try:
+        return lab.nodes[name].wait_event(event, timeout=timeout, **fields)
+    except AssertionError:
+        return None
 
 
-def measure(run: Run) -> dict:
-    values: dict = {"prefix": run.prefix}
-    run.up()
-    run.node("pub", "pub")
-    pub_id = run.expect("pub", "punchgate starting", START_TIMEOUT)["peer_id"]
-    run.expect("pub", "phase transition", START_TIMEOUT, to_phase="ready")
-    bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
-    run.start_echo_server()
-    hosta = run.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
-    hostb = run.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")
-    hosta_id = run.expect("hosta", "punchgate starting", START_TIMEOUT)["peer_id"]
-    for name, node in (("hosta", hosta), ("hostb", hostb)):
-        ready = run.expect(name, "phase transition", START_TIMEOUT, to_phase="ready")
-        values[f"start_to_ready_{name}_ms"] = round((event_time(ready) - node.started_at) * 1000, 1)
-    run.expect("hosta", "relay reservation accepted", SETUP_TIMEOUT)
-    run.expect("hosta", "service published", SETUP_TIMEOUT, service="echo")
+def first_byte(lab: NatLab, name: str) -> dict:
+    """One connection through hostb's tunnel port, timed by a client inside hostb."""
+    answer = lab.ping_through_tunnel(name, CONNECTION_TIMEOUT)
+    if answer["error"]:
+        raise RunFailed(f"tunnel client: {answer['error']}")
+    return answer
 
-    first = run.first_byte()
+
+def measure(lab: NatLab) -> dict:
+    values: dict = {"prefix": lab.prefix}
+    lab.up(timeout=120)
+    started = lab.start_tunnel_topology(START_TIMEOUT)
+    for name, ready in started.ready.items():
+        values[f"start_to_ready_{name}_ms"] = round((event_time(ready) - lab.nodes[name].started_at) * 1000, 1)
+    lab.expect("hosta", "relay reservation accepted", SETUP_TIMEOUT)
+    lab.expect("hosta", "service published", SETUP_TIMEOUT, service="echo")
+
+    first = first_byte(lab, "first client")
     values["first_byte_first_connection_ms"] = first["first_byte_ms"]
-    opened = run.expect("hostb", "client tunnel opened", 5)
+    opened = lab.expect("hostb", "client tunnel opened", 5)
     values["setup_first_connection_ms"] = opened.get("setup_ms")
     values["first_connection_path"] = opened.get("path")
-    resolved = run.expect("hostb", "service resolved", 5, service="echo")
+    resolved = lab.expect("hostb", "service resolved", 5, service="echo")
     values["name_resolution_ms"] = resolved.get("duration_ms")
-    relay = run.maybe("hostb", "relay connected", 2)  # absent when the runtime does not log it
+    relay = maybe(lab, "hostb", "relay connected", 2)  # absent when the runtime does not log it
     values["relay_connect_ms"] = relay.get("duration_ms") if relay else None
-    punch = run.expect("hostb", "hole punch", PUNCH_TIMEOUT, peer=hosta_id)
+    punch = lab.expect("hostb", "hole punch", PUNCH_TIMEOUT, peer=started.hosta_id)
     values["hole_punch_outcome"] = punch.get("outcome")
     values["hole_punch_ms"] = punch.get("duration_ms") if punch.get("outcome") == "direct" else None
 
-    second = run.first_byte()
+    second = first_byte(lab, "second client")
     values["first_byte_after_punch_ms"] = second["first_byte_ms"]
-    opened = run.expect("hostb", "client tunnel opened", 5, nth=2)
+    opened = lab.expect("hostb", "client tunnel opened", 5, nth=2)
     values["setup_after_punch_ms"] = opened.get("setup_ms")
     values["after_punch_path"] = opened.get("path")
     return values
@@ -337,10 +190,10 @@ def main() -> int:
     interrupted = False
     try:
         for number in range(1, args.runs + 1):
-            run = Run(number, workdir)
+            lab = NatLab(workdir, "pgb", failure=RunFailed)
             started = time.monotonic()
             try:
-                values = measure(run)
+                values = measure(lab)
                 values["run"] = number
                 runs.append(values)
                 print(
@@ -353,10 +206,12 @@ def main() -> int:
                 )
             except RunFailed as exc:
                 failures.append({"run": number, "error": str(exc)})
-                print(f"run {number} FAILED: {exc}\n{run.logs()}", file=sys.stderr, flush=True)
+                print(f"run {number} FAILED: {exc}\n{lab.report(last=40)}", file=sys.stderr, flush=True)
             finally:
                 with signals_deferred():
-                    run.close()
+                    down = lab.close()
+                    if down is not None and down.returncode != 0:
+                        print(f"warning: lab {lab.prefix} down failed: {down.stderr.strip()}", file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted; lab removed", file=sys.stderr)

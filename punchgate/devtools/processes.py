@@ -109,10 +109,28 @@ class PunchgateProcess:
                 return event
         raise AssertionError("no matching log event in time; log:\n" + "\n".join(self.lines))
 
-    def wait_event(self, name: str, timeout: float = 30.0, **fields) -> dict:
-        return self.wait_for(
-            lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items()), timeout
-        )
+    @staticmethod
+    def _is(event: dict, name: str, fields: dict) -> bool:
+        return event.get("event") == name and all(event.get(k) == v for k, v in fields.items())
+
+    def wait_event(self, name: str, timeout: float = 30.0, nth: int = 1, **fields) -> dict:
+        """The ``nth`` (1-based, counted from the start of the log) event called ``name``
+        whose ``fields`` have these values, waiting up to ``timeout`` for it."""
+        seen = 0
+
+        def match(event: dict) -> bool:
+            nonlocal seen
+            if self._is(event, name, fields):
+                seen += 1
+                return seen == nth
+            return False
+
+        return self.wait_for(match, timeout)
+
+    def count_events(self, name: str, **fields) -> int:
+        """How many events called ``name`` (with ``fields``) have been logged so far."""
+        self.log_text()  # take what has already arrived
+        return sum(1 for event in self.events() if self._is(event, name, fields))
 
     def drain(self) -> None:
         """Collect the remaining lines after the process has exited."""

@@ -1,0 +1,406 @@
+"""Drives the network-namespace NAT lab (``scripts/netns_lab.sh``) from Python.
+
+The lab is a small internet: ``pub`` (100.64.0.10) is a public node, ``hosta`` and
+``hostb`` sit behind their own routers (``rtra``, ``rtrb``: MASQUERADE, or
+``--random-fully`` for a symmetric NAT). ``NatLab`` builds one lab, starts punchgate
+nodes and helper processes (the echo server, TCP clients) inside its namespaces, reads
+their output, and removes it all again. ``tests/test_nat.py`` and
+``scripts/bench_nat.py`` use it. The rules:
+
+* every lab has a unique prefix (``unique_prefix``), so labs never meet each other or
+  one built by hand;
+* every lab is torn down: ``close`` belongs in a ``finally``, and is due as soon as
+  ``up`` was called, even if ``up`` failed half-way;
+* processes are killed by PID (``ip netns exec`` execs, so the PID is the process
+  itself); ``netns_lab.sh down`` then ends whatever is left in the lab's namespaces.
+  Nothing is ever killed by name.
+
+Needs root, ``ip`` and ``iptables``, and this repository's ``scripts/`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from punchgate.devtools.processes import PunchgateProcess
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+LAB_SCRIPT = SCRIPTS / "netns_lab.sh"
+ECHO_SERVER = SCRIPTS / "echo_server.py"
+
+PUB_IP = "100.64.0.10"
+NODE_PORT = 4001  # every node listens on /ip4/0.0.0.0/tcp/4001 in its namespace
+ECHO_PORT = 7777  # the echo server on hosta's 127.0.0.1
+TUNNEL_PORT = 2222  # hostb's local end of the tunnel to the echo service
+
+# A TCP client run inside a namespace:
+#   python -c CLIENT_SCRIPT echo PORT SIZE TIMEOUT [STALL_AT STALL_SECONDS]
+#   python -c CLIENT_SCRIPT hold PORT TIMEOUT
+#   python -c CLIENT_SCRIPT ping PORT TIMEOUT
+# "echo" sends SIZE random bytes, half-closes, reads everything back (optionally pausing
+# its reading for STALL_SECONDS after STALL_AT bytes) and prints one JSON line with both
+# sha256 digests. "hold" echoes a short message, prints {"state": "open"}, then waits (at
+# most TIMEOUT) for the connection to end and prints {"state": "closed"}. "ping" sends one
+# short message and prints one JSON line with the connect and first-echoed-byte times.
+CLIENT_SCRIPT = r"""
+import hashlib, json, os, socket, sys, threading, time
+mode, port = sys.argv[1], int(sys.argv[2])
+def out(**fields):
+    print(json.dumps(fields), flush=True)
+started = time.monotonic()
+if mode == "ping":
+    limit = float(sys.argv[3])
+    message = b"punchgate first byte\n"
+    result = {"first_byte_ms": None, "error": None}
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=limit) as conn:
+            result["connect_ms"] = round((time.monotonic() - started) * 1000, 2)
+            conn.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                data = conn.recv(4096)
+                if not data:
+                    break
+                if not got:
+                    result["first_byte_ms"] = round((time.monotonic() - started) * 1000, 2)
+                got += data
+            if got != message:
+                result["error"] = "echo was " + repr(got)
+    except OSError as exc:
+        result["error"] = repr(exc)
+    out(**result)
+    sys.exit(0)
+try:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+except OSError as exc:
+    out(state="error", error="connect: " + repr(exc))
+    sys.exit(0)
+if mode == "echo":
+    size, limit = int(sys.argv[3]), float(sys.argv[4])
+    stall_at, stall_for = (int(sys.argv[5]), float(sys.argv[6])) if len(sys.argv) > 6 else (None, 0.0)
+    payload = os.urandom(size)
+    send_error = []
+    def send():
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            send_error.append(repr(exc))
+    conn.settimeout(limit)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    digest, received, first_byte, error = hashlib.sha256(), 0, None, None
+    try:
+        while time.monotonic() - started < limit:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            if first_byte is None:
+                first_byte = time.monotonic() - started
+            digest.update(data)
+            received += len(data)
+            if stall_at is not None and received >= stall_at:
+                stall_at = None
+                time.sleep(stall_for)  # the reader stops reading: back-pressure must hold
+        else:
+            error = "time limit"
+    except OSError as exc:
+        error = repr(exc)
+    sender.join(timeout=5)
+    out(state="done", sent=size, received=received, sent_sha256=hashlib.sha256(payload).hexdigest(),
+        received_sha256=digest.hexdigest(), first_byte_ms=None if first_byte is None else round(first_byte * 1000, 1),
+        total_s=round(time.monotonic() - started, 3), error=error or (send_error[0] if send_error else None))
+elif mode == "hold":
+    limit = float(sys.argv[3])
+    conn.settimeout(limit)
+    try:
+        conn.sendall(b"hold\n")
+        got = b""
+        while len(got) < 5:
+            data = conn.recv(64)
+            if not data:
+                break
+            got += data
+    except OSError as exc:
+        out(state="error", error=repr(exc))
+        sys.exit(0)
+    if got != b"hold\n":
+        out(state="error", error="echo was " + repr(got))
+        sys.exit(0)
+    out(state="open")
+    try:
+        data = conn.recv(64)
+        how = "eof" if not data else "data " + repr(data)
+    except socket.timeout:
+        how = "timeout"
+    except OSError as exc:
+        how = "reset " + repr(exc)
+    out(state="closed", how=how)
+"""
+
+
+def unique_prefix(tag: str) -> str:
+    """A lab prefix no other lab has: TAG, our PID and random hex (netns_lab.sh allows 32 chars)."""
+    return f"{tag}{os.getpid() % 100000}-{secrets.token_hex(3)}"
+
+
+class LineReader:
+    """Lines of a pipe as they come, each with its monotonic arrival time.
+
+    ``wait`` raises ``error`` (AssertionError unless told otherwise) when no line matches.
+    """
+
+    def __init__(self, pipe, error: type[Exception] = AssertionError) -> None:
+        self.lines: list[str] = []
+        self.error = error
+        self._queue: queue.Queue[tuple[float, str] | None] = queue.Queue()
+        self._ended = False
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe) -> None:
+        for line in pipe:
+            self._queue.put((time.monotonic(), line.rstrip("\n")))
+        self._queue.put(None)
+
+    def wait(self, predicate: Callable[[str], bool], timeout: float, what: str) -> tuple[float, str]:
+        """The first new line matching ``predicate`` and when it arrived; ``what`` names it in the error."""
+        deadline = time.monotonic() + timeout
+        while not self._ended and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is None:
+                self._ended = True
+                break
+            arrived, line = item
+            self.lines.append(line)
+            if predicate(line):
+                return arrived, line
+        raise self.error(
+            f"{what}: " + ("output ended" if self._ended else f"nothing within {timeout} s")
+            + "; output so far:\n" + "\n".join(self.lines)
+        )
+
+    def text(self) -> str:
+        """Every line received so far (taking what is already queued)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)
+                break
+            self.lines.append(item[1])
+        return "\n".join(self.lines)
+
+
+class Started(NamedTuple):
+    """What ``NatLab.start_tunnel_topology`` waited for."""
+
+    bootstrap: str  # pub's address, as the other nodes were given it
+    pub_id: str
+    hosta_id: str
+    ready: dict[str, dict]  # hosta's and hostb's "phase transition" to "ready"
+
+
+class NatLab:
+    """One lab (unique prefix) and every process started in it; ``close`` tears all down.
+
+    Failures (the lab does not come up, an awaited event or line does not come) raise
+    ``failure``: AssertionError for tests, a script's own exception type otherwise.
+    """
+
+    def __init__(
+        self, workdir: Path, tag: str, symmetric: bool = False, failure: type[Exception] = AssertionError
+    ) -> None:
+        self.workdir = workdir  # node identities go here
+        self.symmetric = symmetric
+        self.failure = failure
+        self.prefix = unique_prefix(tag)
+        self.nodes: dict[str, PunchgateProcess] = {}
+        self.helpers: dict[str, tuple[subprocess.Popen, LineReader]] = {}
+        self.env: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.is_up = False  # "down" is due
+
+    def note(self, text: str) -> None:
+        """A measurement worth seeing: printed (pytest -s) and part of the failure report."""
+        self.notes.append(text)
+        print(f"[{self.prefix}] {text}", flush=True)
+
+    # --- lab lifecycle
+    def lab(self, command: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``netns_lab.sh COMMAND --prefix PREFIX ARGS...`` (options first, as the script wants)."""
+        return subprocess.run(
+            ["bash", str(LAB_SCRIPT), command, "--prefix", self.prefix, *args],
+            check=False, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def up(self, timeout: float = 60) -> None:
+        self.is_up = True  # from here on, "down" is due even if "up" fails half-way
+        result = self.lab("up", *(["--symmetric"] if self.symmetric else []), timeout=timeout)
+        if result.returncode != 0:
+            raise self.failure(f"lab up failed:\n{result.stdout}{result.stderr}")
+        env = self.lab("env")
+        if env.returncode != 0:
+            raise self.failure(env.stderr)
+        self.env = dict(line.split("=", 1) for line in env.stdout.split() if "=" in line)
+        # Byte counters in the routers' conntrack entries (must be on before the flows
+        # exist): they show how much a direct flow carried. Best effort.
+        for role in ("rtra", "rtrb"):
+            subprocess.run(
+                [*self.wrap(role), "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1"],
+                check=False, capture_output=True, timeout=10,
+            )
+
+    def close(self) -> subprocess.CompletedProcess | None:
+        """Kill what we started (by PID), then remove the lab; never raises for a dead process.
+
+        Returns the result of ``netns_lab.sh down`` (None if the lab was never brought up),
+        for the caller to check.
+        """
+        for node in self.nodes.values():
+            try:
+                node.kill()
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # already gone, or not dead yet: "down" below kills what is left by PID
+        for proc, _ in self.helpers.values():
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        if not self.is_up:
+            return None
+        self.is_up = False
+        return self.lab("down", timeout=120)
+
+    def wrap(self, role: str) -> list[str]:
+        """The command prefix that runs something in ROLE's namespace (and execs it)."""
+        return ["ip", "netns", "exec", self.env.get(f"NS_{role.upper()}", f"{self.prefix}-{role}")]
+
+    # --- processes
+    def node(self, name: str, role: str, *args: str) -> PunchgateProcess:
+        """``punchgate`` in ROLE's namespace, listening on NODE_PORT, with its own identity."""
+        proc = PunchgateProcess(
+            "--identity", str(self.workdir / f"{self.prefix}-{name}.key"),
+            "--listen", f"/ip4/0.0.0.0/tcp/{NODE_PORT}",
+            "--no-mdns",
+            *args,
+            wrapper=self.wrap(role),
+        )
+        self.nodes[name] = proc
+        return proc
+
+    def expect(self, node: str, event: str, timeout: float, nth: int = 1, **fields) -> dict:
+        """The ``nth`` event called ``event`` (with ``fields``) in NODE's log, waiting up to ``timeout``."""
+        try:
+            return self.nodes[node].wait_event(event, timeout, nth=nth, **fields)
+        except AssertionError as exc:
+            why = str(exc).split("; log:\n")[0]
+            wanted = f"{event!r} #{nth}" + (f" with {fields}" if fields else "")
+            raise self.failure(f"{node}: no {wanted} within {timeout} s ({why})") from None
+
+    def helper(self, name: str, role: str, *command: str) -> tuple[subprocess.Popen, LineReader]:
+        """A non-punchgate process in ROLE's namespace; its stdout and stderr are read as lines."""
+        proc = subprocess.Popen(
+            [*self.wrap(role), *command],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.helpers[name] = (proc, reader := LineReader(proc.stdout, self.failure))
+        return proc, reader
+
+    def start_echo_server(self, role: str = "hosta", port: int = ECHO_PORT) -> None:
+        """``scripts/echo_server.py`` on ROLE's 127.0.0.1:PORT, once it says it is listening."""
+        _, out = self.helper(
+            "echo server", role, sys.executable, str(ECHO_SERVER), "--host", "127.0.0.1", "--port", str(port)
+        )
+        out.wait(lambda text: "listening" in text, 20, "echo server start")
+
+    def start_tunnel_topology(self, start_timeout: float) -> Started:
+        """pub (bootstrap node and relay); hosta: echo server and ``--expose echo=``;
+        hostb: ``--tunnel-by-name echo@127.0.0.1:TUNNEL_PORT``; until both hosts are ready."""
+        self.node("pub", "pub")
+        pub_id = self.expect("pub", "punchgate starting", start_timeout)["peer_id"]
+        self.expect("pub", "phase transition", start_timeout, to_phase="ready")
+        bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
+        self.start_echo_server()
+        self.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
+        self.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")
+        hosta_id = self.expect("hosta", "punchgate starting", start_timeout)["peer_id"]
+        ready = {
+            name: self.expect(name, "phase transition", start_timeout, to_phase="ready")
+            for name in ("hosta", "hostb")
+        }
+        return Started(bootstrap, pub_id, hosta_id, ready)
+
+    def client(self, name: str, *args: str, role: str = "hostb") -> tuple[subprocess.Popen, LineReader]:
+        """CLIENT_SCRIPT with ARGS in ROLE's namespace."""
+        return self.helper(name, role, sys.executable, "-c", CLIENT_SCRIPT, *args)
+
+    def _client_result(self, name: str, *args: str, timeout: float) -> dict:
+        _, reader = self.client(name, *args)
+        _, line = reader.wait(lambda text: text.startswith("{"), timeout + 15, f"{name} result")
+        return json.loads(line)
+
+    def echo_through_tunnel(
+        self, name: str, size: int, timeout: float, stall: tuple[int, float] | None = None
+    ) -> dict:
+        """Run an "echo" client in hostb; its result line (it gives up after ``timeout``).
+
+        With ``stall=(n, s)`` the client stops reading for s seconds after n bytes.
+        """
+        extra = [str(stall[0]), str(stall[1])] if stall else []
+        return self._client_result(name, "echo", str(TUNNEL_PORT), str(size), str(timeout), *extra, timeout=timeout)
+
+    def ping_through_tunnel(self, name: str, timeout: float) -> dict:
+        """Run a "ping" client in hostb; its result line (connect_ms, first_byte_ms, error)."""
+        return self._client_result(name, "ping", str(TUNNEL_PORT), str(timeout), timeout=timeout)
+
+    def direct(self, *args: str) -> tuple[int, str]:
+        """``netns_lab.sh direct ARGS``: exit code 0 if a flow between the routers exists, and its listing."""
+        result = self.lab("direct", *args, timeout=30)
+        return result.returncode, result.stdout + result.stderr
+
+    # --- diagnostics
+    def report(self, last: int = 150) -> str:
+        """Everything about the lab: notes, the last lines of each node, helpers' output, flows."""
+        parts = [f"lab {self.prefix} (symmetric={self.symmetric})", *self.notes]
+        for name, node in self.nodes.items():
+            parts.append(
+                f"===== {name} (pid {node.pid}, exit {node.proc.poll()}) last lines:\n{node.log_text(last=last)}"
+            )
+        for name, (proc, reader) in self.helpers.items():
+            parts.append(f"===== {name} (pid {proc.pid}, exit {proc.poll()}):\n{reader.text()}")
+        try:
+            parts.append("===== netns_lab.sh direct --all:\n" + self.direct("--all")[1])
+        except Exception as exc:  # the report must not hide the failure it explains
+            parts.append(f"===== direct --all failed: {exc!r}")
+        return "\n".join(parts)
+
+
+def conntrack_bytes(direct_output: str) -> dict[str, list[tuple[int, int]]]:
+    """Per router, the (original, reply) ``bytes=`` counters of each flow listed by ``direct``
+    (empty when conntrack accounting is off)."""
+    flows: dict[str, list[tuple[int, int]]] = {}
+    router = None
+    for line in direct_output.splitlines():
+        if header := re.match(r"# (rtr[ab]) ", line):
+            router = header.group(1)
+        elif router and len(counters := re.findall(r"bytes=(\d+)", line)) == 2:
+            flows.setdefault(router, []).append((int(counters[0]), int(counters[1])))
+    return flows
