@@ -23,7 +23,7 @@ Paths, all on 127.0.0.1:
                        punch fails, so tunnels ride the relay (each connection's ``path`` in the
                        client log is checked). Needs root and iptables; the rules carry a comment
                        naming this run and are removed at the end. A relay circuit carries at most
-                       1 GiB (punchgate's RELAY_LIMITS), so the client is restarted (new identity,
+                       RELAY_LIMITS.data bytes, so the client is restarted (new identity,
                        new circuit) before a transfer that would cross that budget, outside the
                        measured time;
 * punchgate QUIC:      not measurable: tunnel streams never ride QUIC (README, "Transports").
@@ -78,6 +78,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from punchgate.devtools.echo import EchoServer  # noqa: E402
 from punchgate.devtools.processes import PunchgateProcess  # noqa: E402
+from punchgate.runtime.relay import RELAY_LIMITS  # noqa: E402
 
 CHUNK = 1 << 20
 SEED = 20240611
@@ -90,7 +91,7 @@ SETUP_TIMEOUT = 90.0  # reachability, reservation, DHT publication
 FIRST_CONNECT_TIMEOUT = 60.0  # first tunnel connection (resolution, relay, punch)
 PUNCH_TIMEOUT = 45.0  # the client's hole punch ends (punchgate bounds it at 25 s)
 STOP_TIMEOUT = 10.0
-CIRCUIT_LIMIT = 1 << 30  # punchgate.runtime.relay.RELAY_LIMITS.data: bytes per relay circuit
+CIRCUIT_LIMIT = RELAY_LIMITS.data  # bytes one relay circuit may carry
 CIRCUIT_BUDGET = int(CIRCUIT_LIMIT * 0.95)  # headroom for Noise/Yamux framing and echo traffic
 
 COLUMNS = ("raw", "ssh", "direct", "relayed", "quic")
