@@ -433,6 +433,44 @@ async def test_200_concurrent_streams_echo_intact():
     assert failures == []
 
 
+async def test_frame_reader_keeps_reading_while_the_connection_cannot_send():
+    """The frame reader never waits on the write path.
+
+    Regression: the reader used to take the connection's write lock to acknowledge
+    a SYN or answer a ping. With a writer holding that lock, stuck in a socket
+    send because the peer reads nothing, and the peer's reader stuck the same way,
+    both ends stopped reading for good (50 concurrent tunnel connections hung
+    about one run in four). Here the listener's write lock is held, as by such a
+    writer, while the dialer pings and opens two streams: the listener must still
+    read every frame, so the second stream is seen. Its answers go out once the
+    lock is free.
+    """
+    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING
+
+    async with host_pair() as (listener, dialer):
+        listener_side: list = []
+        listener.set_stream_handler(PROTO, lambda stream: listener_side.append(stream) or trio.sleep(30))
+        first = await dialer.new_stream(listener.get_id(), [PROTO])
+        with trio.fail_after(5):
+            while not listener_side:
+                await trio.sleep(0.01)
+        dialer_conn = first.muxed_stream.conn
+        listener_conn = listener_side[0].muxed_stream.conn
+        with trio.fail_after(10):
+            async with listener_conn._write_lock:
+                await dialer_conn._write_frame(HEADER.pack(0, TYPE_PING, FLAG_SYN, 0, 4242))
+                one = await dialer_conn.open_stream()
+                two = await dialer_conn.open_stream()
+                with trio.move_on_after(3):
+                    while two.stream_id not in listener_conn.streams:
+                        await trio.sleep(0.01)
+                assert one.stream_id in listener_conn.streams
+                assert two.stream_id in listener_conn.streams, "frame reader stopped at the first SYN"
+            # Lock released: the queued acknowledgement reaches the dialer.
+            await first.write(b"still works")
+            assert await listener_side[0].read(11) == b"still works"
+
+
 async def test_half_close_both_ways():
     log: list = []
 

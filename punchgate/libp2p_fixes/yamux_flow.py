@@ -23,9 +23,23 @@ library's ``Yamux`` and of our ``BackpressureYamuxStream``):
 - Each stream announces a 16 MiB receive window when it opens (the SYN or ACK
   WINDOW_UPDATE carries the delta over the spec's 256 KiB, as go-yamux does) and
   credits the peer only once half of it has been consumed.
-- A write is sent in batches of at most 4 frames (~256 KiB), each batch one call
-  into the secure session (``NoiseSession.write_many``: one socket write), with
-  the connection's write lock taken per batch so streams interleave fairly.
+- One task per connection, the sender, is the only writer of the secure session.
+  Everything else queues frames for it: a stream write queues a batch of at most
+  4 frames (~256 KiB) and waits until the sender has written it; control frames
+  (window updates, SYN acknowledgements, ping replies) are queued without
+  waiting. The sender writes what is queued, several batches per call into the
+  secure session (``NoiseSession.write_many``: one socket write per ~256 KiB),
+  in queue order, so streams take turns.
+  This fixes two faults of the library's design, where every writer (the frame
+  reader included) takes the connection's write lock and writes itself:
+  (1) the frame reader blocks on that lock to acknowledge a SYN or answer a
+  ping while a stream writer holds it, stuck in a socket send that waits for the
+  peer to read, whose frame reader waits the same way: both ends stop reading
+  and the connection deadlocks (seen with 50 concurrent tunnel connections,
+  about one run in four); (2) a writer cancelled inside its socket send leaves
+  half a Noise message on the wire, which breaks the connection for every
+  stream. A queued batch is written whole or the connection is torn down; a
+  cancelled waiter only stops waiting.
 - The frame reader dispatches without locks (trio runs it between awaits, which
   is all the library's locks protected), reads bodies that are already decrypted
   as zero-copy views (``NoiseSession.read_exact``) and only applies the body
@@ -81,6 +95,8 @@ FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one No
 RECEIVE_WINDOW = 16 * 1024 * 1024
 WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
 WRITE_BATCH = 4  # frames per connection-lock hold (~256 KiB)
+SEND_COALESCE = 16  # frames per call into the secure session (4 full Noise messages fill its buffer)
+MAX_QUEUED_PING_REPLIES = 4096  # a peer that pings but never reads gets no more answers
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
 # Ways the transport reports that the connection is over (logged quietly).
 _CONNECTION_GONE = (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -139,6 +155,22 @@ class ChunkBuffer:
         return b"".join(parts)
 
 
+def typ_of(header: bytes | memoryview) -> int:
+    """The type field of a packed Yamux header."""
+    return header[1]
+
+
+class _Queued:
+    """Frames waiting for the sender; ``sent`` is set once written (None: nobody waits)."""
+
+    __slots__ = ("failed", "frames", "sent")
+
+    def __init__(self, frames: list[tuple[bytes, bytes | memoryview]], sent: trio.Event | None) -> None:
+        self.frames = frames
+        self.sent = sent
+        self.failed: str | None = None  # why the frames were not sent
+
+
 class FlowYamuxStream(BackpressureYamuxStream):
     """Stream of a ``FlowYamux``: big window, rare updates, batched writes."""
 
@@ -160,19 +192,17 @@ class FlowYamuxStream(BackpressureYamuxStream):
         async with self._writer_lock:
             while sent < total:
                 await self._wait_for_send_window()
-                # Take the window only once the connection is ours: a cancel while
-                # waiting for the lock then loses no credit. The lock is a trio.Lock,
-                # so each batch is a checkpoint and streams take turns.
-                async with conn._write_lock:
-                    self._check_writable()
-                    frames = []
-                    while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH:
-                        size = min(self.send_window, FRAME_PAYLOAD, total - sent)
-                        self.send_window -= size
-                        header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
-                        frames.append((header, view[sent : sent + size]))
-                        sent += size
-                    await conn._send_frames(frames)
+                # No await from the check to the queueing: the window is debited
+                # exactly for the frames the sender will write.
+                self._check_writable()
+                frames = []
+                while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH:
+                    size = min(self.send_window, FRAME_PAYLOAD, total - sent)
+                    self.send_window -= size
+                    header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
+                    frames.append((header, view[sent : sent + size]))
+                    sent += size
+                await conn._send_and_wait(frames)
 
     async def read(self, n: int | None = -1) -> bytes:
         if n is None:
@@ -218,33 +248,113 @@ class FlowYamux(Yamux):
 
     stream_class = FlowYamuxStream
 
-    async def _write_frame(self, data: bytes) -> None:
-        async with self._write_lock:
-            await self.secured_conn.write(data)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._outbox: deque[_Queued] = deque()
+        self._outbox_ready = trio.Event()
+        self._queued_ping_replies = 0
+        self._sender_started = False
+        self._sender_gone: str | None = None  # why the sender stopped, once it has
 
-    async def _send_frames(self, frames: list[tuple[bytes, memoryview]]) -> None:
-        """Send a batch of (header, payload) frames in one secure-session call
-        that makes each frame one Noise message. Caller holds ``_write_lock``."""
+    # -- sending: every frame goes through the outbox to the sender task ---------
+
+    async def _write_frame(self, data: bytes) -> None:
+        """Send one frame (the library's path for SYN, FIN, RST, GO_AWAY, pings)."""
+        await self._send_and_wait([(data[:HEADER_SIZE], data[HEADER_SIZE:])])
+
+    async def _send_and_wait(self, frames: list[tuple[bytes, bytes | memoryview]]) -> None:
+        """Queue frames and return once the sender has written them.
+
+        Cancelled while waiting, the frames are still sent (or the connection
+        torn down): what a stream debited from its window always reaches the peer.
+        """
+        if not self._start_sender():
+            # No connection nursery yet (or any more): write directly.
+            async with self._write_lock:
+                await self._send_frames(frames)
+            return
+        queued = _Queued(frames, trio.Event())
+        self._outbox.append(queued)
+        self._outbox_ready.set()
+        await queued.sent.wait()
+        if queued.failed is not None:
+            raise MuxedStreamError(f"connection lost: {queued.failed}")
+
+    def _send_soon(self, frame: bytes) -> None:
+        """Queue a control frame without waiting (safe from the frame reader)."""
+        if self._sender_gone is not None or self.event_shutting_down.is_set():
+            return
+        if not self._start_sender():
+            return
+        self._outbox.append(_Queued([(frame, b"")], None))
+        self._outbox_ready.set()
+
+    def _start_sender(self) -> bool:
+        """Make sure the sender runs; False if frames cannot be queued."""
+        if self._sender_gone is not None:
+            raise MuxedStreamError(f"connection lost: {self._sender_gone}")
+        if self._sender_started:
+            return True
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(self._sender)
+        except RuntimeError:
+            return False  # the connection's nursery is closing
+        self._sender_started = True
+        return True
+
+    async def _sender(self) -> None:
+        """The connection's only writer: write queued frames in order until it ends."""
+        outbox = self._outbox
+        done: list[_Queued] = []
+        try:
+            while True:
+                if not outbox:
+                    self._outbox_ready = trio.Event()
+                    await self._outbox_ready.wait()
+                    continue
+                frames: list[tuple[bytes, bytes | memoryview]] = []
+                while outbox and len(frames) < SEND_COALESCE:
+                    queued = outbox.popleft()
+                    frames.extend(queued.frames)
+                    if queued.sent is not None:
+                        done.append(queued)
+                    elif typ_of(queued.frames[0][0]) == TYPE_PING:
+                        self._queued_ping_replies -= 1
+                async with self._write_lock:
+                    await self._send_frames(frames)
+                for queued in done:
+                    queued.sent.set()  # type: ignore[union-attr]
+                done.clear()
+        except Exception as error:  # noqa: BLE001 - a failed write ends the connection
+            self._sender_gone = repr(error)
+            level = logging.DEBUG if isinstance(error, _CONNECTION_GONE) else logging.WARNING
+            logger.log(level, "yamux: sending to %s failed: %r", self.peer_id, error)
+            # Closing the session ends the frame reader, whose cleanup resets every stream.
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await self.secured_conn.close()
+                except Exception as close_error:  # noqa: BLE001 - closed either way
+                    logger.debug("yamux: closing %s: %r", self.peer_id, close_error)
+        finally:
+            if self._sender_gone is None:
+                self._sender_gone = "connection closed"
+            for queued in (*done, *outbox):
+                if queued.sent is not None:
+                    queued.failed = self._sender_gone
+                    queued.sent.set()
+            outbox.clear()
+
+    async def _send_frames(self, frames: list[tuple[bytes, bytes | memoryview]]) -> None:
+        """Write (header, payload) frames in one secure-session call that makes each
+        frame one Noise message. Only the sender calls this (or a writer holding
+        ``_write_lock`` before the sender exists)."""
         write_many = getattr(self.secured_conn, "write_many", None)
         if write_many is not None:
             await write_many(frames)
         else:
             await self.secured_conn.write(b"".join(b"".join(frame) for frame in frames))
-
-    def _send_soon(self, frame: bytes) -> None:
-        """Send a control frame from a task of the connection, without waiting."""
-        if self._nursery is None or self.event_shutting_down.is_set():
-            return
-        try:
-            self._nursery.start_soon(self._send_quietly, frame)
-        except RuntimeError:
-            pass  # the connection's nursery is closing: nothing to credit any more
-
-    async def _send_quietly(self, frame: bytes) -> None:
-        try:
-            await self._write_frame(frame)
-        except Exception as error:  # noqa: BLE001 - a dead connection is reported to readers
-            logger.debug("yamux: control frame to %s not sent: %r", self.peer_id, error)
 
     def _register(self, stream_id: int, is_initiator: bool) -> FlowYamuxStream:
         stream = self.stream_class(stream_id, self, is_initiator)
@@ -330,8 +440,7 @@ class FlowYamux(Yamux):
         accepted = None
         if flags & FLAG_SYN:
             if stream_id in self.streams:
-                rst = _HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0)
-                await self._write_frame(rst)
+                self._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
                 return
             stream = accepted = self._register(stream_id, False)
         else:
@@ -368,19 +477,15 @@ class FlowYamux(Yamux):
             self._finalize_stream_locked(stream, fully_closed=True)
         if accepted is not None:
             if not flags & FLAG_RST:
-                ack = _HEADER.pack(
-                    0,
-                    TYPE_WINDOW_UPDATE,
-                    FLAG_ACK,
-                    stream_id,
-                    RECEIVE_WINDOW - DEFAULT_WINDOW_SIZE,
-                )
-                await self._write_frame(ack)
+                delta = RECEIVE_WINDOW - DEFAULT_WINDOW_SIZE
+                self._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, delta))
             await self.new_stream_send_channel.send(accepted)
 
     async def _on_ping(self, flags: int, opaque: int) -> None:
         if flags & FLAG_SYN:
-            await self._write_frame(_HEADER.pack(0, TYPE_PING, FLAG_ACK, 0, opaque))
+            if self._queued_ping_replies < MAX_QUEUED_PING_REPLIES:
+                self._queued_ping_replies += 1
+                self._send_soon(_HEADER.pack(0, TYPE_PING, FLAG_ACK, 0, opaque))
         elif flags & FLAG_ACK and opaque == self._ping_id:
             sample = trio.current_time() - self._ping_sent_time
             self._rtt = sample if self._rtt == 0.0 else (self._rtt + sample) / 2
