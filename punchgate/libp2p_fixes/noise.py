@@ -21,10 +21,12 @@ the raw connection, so the TCP stream's lock and error mapping stay in force.
 Encryption and decryption still go through the handshake's own ``noise``
 cipher states, which own the nonces. The wire format is unchanged.
 
-Reads use the trio socket under ``RawConnection`` -> ``TrioTCPStream`` ->
-``trio.SocketStream`` directly (mapping errors as ``TrioTCPStream.read`` does);
-any other raw connection (relay circuits, websockets) is read through its own
-``read``. ``libp2p/security/noise/patterns.py`` builds the session by the
+Reads and writes use the trio socket under ``RawConnection`` ->
+``TrioTCPStream`` -> ``trio.SocketStream`` directly (mapping errors as
+``TrioTCPStream.read``/``write`` do, without its per-write lock); any other raw
+connection (relay circuits, websockets) is used through its own ``read`` and
+``write``. Only FlowYamux's sender task writes, so a cancel never cuts a
+message in half while the connection lives on. ``libp2p/security/noise/patterns.py`` builds the session by the
 module-global name ``SecureSession`` (~278 and ~365), so ``install()`` binds
 ``NoiseSession`` there.
 """
@@ -59,12 +61,12 @@ _TAG = 16  # Poly1305
 SEND_BUFFER_SIZE = 4 * (_LENGTH.size + _MAX_MESSAGE)  # one batch of 4 full messages
 
 
-def _trio_socket(raw: Any) -> Any | None:
-    """The trio socket under a plain TCP raw connection, else None."""
+def _trio_socket_stream(raw: Any) -> trio.SocketStream | None:
+    """The trio socket stream under a plain TCP raw connection, else None."""
     if isinstance(raw, RawConnection) and isinstance(raw.stream, TrioTCPStream):
         stream = raw.stream.stream
         if isinstance(stream, trio.SocketStream):
-            return stream.socket
+            return stream
     return None
 
 
@@ -80,7 +82,8 @@ class NoiseSession(SecureSession):
         self._encryptor = protocol.cipher_state_encrypt
         self._decryptor = protocol.cipher_state_decrypt
         self._raw = conn.read_writer.read_write_closer
-        self._socket = _trio_socket(self._raw)
+        self._socket_stream = _trio_socket_stream(self._raw)
+        self._socket = None if self._socket_stream is None else self._socket_stream.socket
         self._rbuf = bytearray(BUFFER_SIZE)
         self._rview = memoryview(self._rbuf)
         self._rstart = 0  # unread ciphertext is _rbuf[_rstart:_rend]
@@ -225,7 +228,7 @@ class NoiseSession(SecureSession):
                 if not size:
                     continue  # an empty message reads as EOF to SecureSession
                 if used + _LENGTH.size + size + _TAG > len(out):
-                    await self._raw.write(out[:used])
+                    await self._send(out[:used])
                     used = 0
                 if len(parts) == 1:
                     plaintext = parts[0]
@@ -240,7 +243,27 @@ class NoiseSession(SecureSession):
                 self._seal_into(plaintext, out[used : used + size + _TAG])
                 used += size + _TAG
             if used:
-                await self._raw.write(out[:used])
+                await self._send(out[:used])
+
+    async def _send(self, data: memoryview) -> None:
+        """Write ciphertext to the raw connection; on plain TCP straight to the socket.
+
+        ``TrioTCPStream.write`` takes a ``trio.Lock`` of its own (a scheduler pass)
+        for every write although ``_send_lock`` already makes us the only writer.
+        Its error mapping is kept: a broken connection raises
+        ``ConnectionClosedError``, a locally closed one returns quietly.
+        """
+        if self._socket_stream is None:
+            await self._raw.write(data)
+            return
+        try:
+            await self._socket_stream.send_all(data)
+        except trio.BrokenResourceError as error:
+            raise ConnectionClosedError(
+                f"TCP connection reset by remote peer: {error}", transport="tcp"
+            ) from error
+        except trio.ClosedResourceError:
+            return
 
     def _seal_into(self, plaintext: bytes | memoryview, out: memoryview) -> None:
         """Encrypt one transport message into ``out`` with the session's cipher state."""

@@ -24,8 +24,9 @@ library's ``Yamux`` and of our ``BackpressureYamuxStream``):
   WINDOW_UPDATE carries the delta over the spec's 256 KiB, as go-yamux does) and
   credits the peer only once half of it has been consumed.
 - One task per connection, the sender, is the only writer of the secure session.
-  Everything else queues frames for it: a stream write queues a batch of at most
-  4 frames (~256 KiB) and waits until the sender has written it; control frames
+  Everything else queues frames for it: a stream write queues batches of at most
+  4 frames (~256 KiB), one at a time per stream (the next waits until the sender
+  has written the previous one, which carries back-pressure); control frames
   (window updates, SYN acknowledgements, ping replies) are queued without
   waiting. The sender writes what is queued, several batches per call into the
   secure session (``NoiseSession.write_many``: one socket write per ~256 KiB),
@@ -85,6 +86,7 @@ from libp2p.stream_muxer.yamux.yamux import (
     Yamux,
 )
 
+from punchgate.libp2p_fixes._locks import InnerLock
 from punchgate.libp2p_fixes.noise import MAX_PLAINTEXT
 from punchgate.libp2p_fixes.yamux import BackpressureYamuxStream
 
@@ -95,7 +97,7 @@ FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one No
 RECEIVE_WINDOW = 16 * 1024 * 1024
 WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
 WRITE_BATCH = 4  # frames per connection-lock hold (~256 KiB)
-SEND_COALESCE = 16  # frames per call into the secure session (4 full Noise messages fill its buffer)
+SEND_COALESCE = 4  # frames per call into the secure session: 4 full Noise messages fill its buffer
 MAX_QUEUED_PING_REPLIES = 4096  # a peer that pings but never reads gets no more answers
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
 # Ways the transport reports that the connection is over (logged quietly).
@@ -182,19 +184,28 @@ class FlowYamuxStream(BackpressureYamuxStream):
         self.recv_window = RECEIVE_WINDOW
         self.target_recv_window = RECEIVE_WINDOW
         self._uncredited = 0  # consumed by the application, not yet granted again
+        self._in_flight: _Queued | None = None  # our last batch handed to the sender
 
     async def write(self, data: bytes) -> None:
+        """Queue ``data`` for the sender and return; at most one batch is in flight.
+
+        The last batch may still be on its way when this returns (like a socket
+        send that returned once the kernel took the bytes): the next ``write`` or
+        the ``close`` behind it waits for it, and reports a connection lost meanwhile.
+        """
         self._check_writable()
-        view = memoryview(data).cast("B")
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the caller may reuse its buffer once we return
+        view = memoryview(data)
         total = len(view)
         sent = 0
         conn = self.conn
         async with self._writer_lock:
             while sent < total:
+                await self._previous_batch_sent()
                 await self._wait_for_send_window()
-                # No await from the check to the queueing: the window is debited
+                # No await from here to the queueing: the window is debited
                 # exactly for the frames the sender will write.
-                self._check_writable()
                 frames = []
                 while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH:
                     size = min(self.send_window, FRAME_PAYLOAD, total - sent)
@@ -202,7 +213,18 @@ class FlowYamuxStream(BackpressureYamuxStream):
                     header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
                     frames.append((header, view[sent : sent + size]))
                     sent += size
-                await conn._send_and_wait(frames)
+                self._in_flight = await conn._send_pipelined(frames)
+
+    async def _previous_batch_sent(self) -> None:
+        """Wait until our last queued batch is written; raise if it never will be."""
+        queued = self._in_flight
+        if queued is None:
+            return
+        if queued.sent is not None and not queued.sent.is_set():
+            await queued.sent.wait()
+        self._in_flight = None
+        if queued.failed is not None:
+            raise MuxedStreamError(f"connection lost: {queued.failed}")
 
     async def read(self, n: int | None = -1) -> bytes:
         if n is None:
@@ -250,6 +272,9 @@ class FlowYamux(Yamux):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Only the sender writes (or a writer before the sender exists), and its
+        # socket send yields: taking the lock need not be a scheduler pass too.
+        self._write_lock = InnerLock()
         self._outbox: deque[_Queued] = deque()
         self._outbox_ready = trio.Event()
         self._queued_ping_replies = 0
@@ -279,6 +304,17 @@ class FlowYamux(Yamux):
         await queued.sent.wait()
         if queued.failed is not None:
             raise MuxedStreamError(f"connection lost: {queued.failed}")
+
+    async def _send_pipelined(self, frames: list[tuple[bytes, bytes | memoryview]]) -> _Queued | None:
+        """Queue frames for the sender without waiting; returns what to wait on later."""
+        if not self._start_sender():
+            async with self._write_lock:  # no connection nursery (yet): write directly
+                await self._send_frames(frames)
+            return None
+        queued = _Queued(frames, trio.Event())
+        self._outbox.append(queued)
+        self._outbox_ready.set()
+        return queued
 
     def _send_soon(self, frame: bytes) -> None:
         """Queue a control frame without waiting (safe from the frame reader)."""
