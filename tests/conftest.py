@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import socket
 from functools import partial
@@ -23,6 +24,16 @@ NODE_START_TIMEOUT = 20
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs():
     configure_logging("console", "warning")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test():
+    """py-libp2p's host shutdown leaves a socket object in a reference cycle. Found by
+    the garbage collector during a later test, it would close whatever that test had
+    opened under the same descriptor number; collecting after every test keeps each
+    test's sockets its own."""
+    yield
+    gc.collect()
 
 
 def free_port() -> int:

@@ -13,13 +13,21 @@ from punchgate.wire import MAX_MESSAGE_SIZE, FrameDecoder, WireError
 HANDSHAKE_TIMEOUT = 10.0
 
 
-async def read_message(stream: INetStream, timeout: float = HANDSHAKE_TIMEOUT) -> tuple[dict[str, Any], bytes]:
-    """The first message on ``stream`` and any bytes that followed it.
+async def read_message(
+    stream: INetStream, timeout: float = HANDSHAKE_TIMEOUT, already_read: bytes = b""
+) -> tuple[dict[str, Any], bytes]:
+    """The first message on ``stream`` (after ``already_read``, bytes of it taken
+    from the stream before) and any bytes that followed it.
 
     Raises :class:`WireError` for a malformed, oversized or truncated message and
     :class:`trio.TooSlowError` when it does not arrive within ``timeout`` seconds.
     """
     decoder = FrameDecoder()
+    if already_read:
+        decoder.feed(already_read)
+        decoded = decoder.message()
+        if decoded is not None:
+            return decoded
     with trio.fail_after(timeout):
         while True:
             try:

@@ -52,9 +52,14 @@ class Paths:
         self.puncher = puncher
         self.our_relays = our_relays
 
-    async def open_stream(self, peer_id: ID, protocol: str) -> tuple[INetStream, str]:
+    async def open_stream(
+        self, peer_id: ID, protocol: str, request: bytes = b""
+    ) -> tuple[INetStream, str, bytes]:
+        """A stream for ``protocol`` with ``request`` sent along with the negotiation
+        (see :func:`open_stream_on`); also the path and the bytes read past it."""
         conn, path = await self.connection(peer_id)
-        return await open_stream_on(conn, protocol), path
+        stream, early = await open_stream_on(conn, protocol, request)
+        return stream, path, early
 
     async def connection(self, peer_id: ID) -> tuple[INetConn, str]:
         direct = live_connection(self.host, peer_id, "tcp")

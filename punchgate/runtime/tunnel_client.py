@@ -71,26 +71,29 @@ class TunnelClient:
         started = time.monotonic()
         tried: set[ID] = set()
         errors: list[str] = []
+        request = encode_request(self.service)
         # Two rounds: the known candidates, then (if all failed) a fresh lookup's new ones.
         for refresh in (False, True):
             candidates = [p for p in await self.finder.candidates(self.service, refresh) if p not in tried]
             for peer_id in candidates:
                 tried.add(peer_id)
                 try:
-                    stream, path = await self.paths.open_stream(peer_id, PROTOCOL_ID)
+                    # The request rides with the protocol negotiation: one round trip.
+                    stream, path, early = await self.paths.open_stream(peer_id, PROTOCOL_ID, request)
                 except Exception as exc:  # dial, relay, negotiation and swarm errors of many types
                     errors.append(f"{peer_id}: {exc}")
                     self.finder.failed(self.service, peer_id)
                     continue
-                await self._handshake_and_pipe(local, stream, str(peer_id), path, fields, started)
+                await self._handshake_and_pipe(local, stream, early, str(peer_id), path, fields, started)
                 return
         reason = "; ".join(errors) if errors else "no peer provides this service (will look again)"
         log.warning("client tunnel error", **fields, reason=reason)
 
-    async def _handshake_and_pipe(self, local, stream, peer: str, path: str, fields: dict, started: float) -> None:
+    async def _handshake_and_pipe(
+        self, local, stream, early: bytes, peer: str, path: str, fields: dict, started: float
+    ) -> None:
         try:
-            await stream.write(encode_request(self.service))
-            message, early_bytes = await read_message(stream)
+            message, early_bytes = await read_message(stream, already_read=early)
             response = parse_response(message)
         except Exception as exc:  # WireError, TooSlowError and stream errors alike
             log.warning("client tunnel error", **fields, peer=peer, reason=f"handshake: {type(exc).__name__} {exc}")
