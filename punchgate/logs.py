@@ -24,6 +24,10 @@ LIBRARY_LOGGERS = ("py", "libp2p", "aioquic", "zeroconf", "async_service", "mult
 # Library loggers that report normal events as errors; silenced unless debugging.
 # circuit_v2.protocol logs "Error reading from hop stream" at the end of every hop stream.
 MISLEADING_LOGGERS = ("libp2p.relay.circuit_v2.protocol",)
+# Library error messages (logger, start of message) that report normal events: a DHT
+# query to a peer in client mode, which by design does not speak the DHT protocol.
+MISLEADING_MESSAGES = (("libp2p.host.basic_host", "Failed to open stream to peer"),)
+MISLEADING_DETAIL = "protocol not supported: /ipfs/kad/"
 
 
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
@@ -71,9 +75,21 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
 def _keep(record: logging.LogRecord, library_level: int) -> bool:
     if record.name.split(".", 1)[0] not in LIBRARY_LOGGERS:
         return True
-    if library_level > logging.DEBUG and record.name in MISLEADING_LOGGERS:
-        return record.levelno >= logging.CRITICAL
+    if library_level > logging.DEBUG:
+        if record.name in MISLEADING_LOGGERS:
+            return record.levelno >= logging.CRITICAL
+        if _is_misleading(record):
+            return False
     return record.levelno >= library_level
+
+
+def _is_misleading(record: logging.LogRecord) -> bool:
+    for name, start in MISLEADING_MESSAGES:
+        if record.name == name:
+            message = record.getMessage()
+            if message.startswith(start) and MISLEADING_DETAIL in message:
+                return True
+    return False
 
 
 def get_logger(name: str = "punchgate") -> structlog.stdlib.BoundLogger:

@@ -48,7 +48,7 @@ class TunnelService:
             await _reset(stream)
             return
 
-        log.info("tunnel request", peer=peer, service=service)
+        log.debug("tunnel request", peer=peer, service=service)  # accepted/rejected follow
         target = self.services.get(service)
         if target is None:
             await _refuse(stream, peer, service, f"unknown service {service!r}")
