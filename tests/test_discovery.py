@@ -112,6 +112,29 @@ async def test_two_providers_share_connections_and_a_stopped_one_is_skipped():
             nursery.cancel_scope.cancel()
 
 
+async def test_a_provider_that_refuses_is_skipped_for_the_next_one():
+    """A provider whose service is down answers "rejected"; the client asks the next
+    provider on the same local connection instead of closing it."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            boot = await start_node(nursery)
+            broken = await start_node(
+                nursery, bootstrap=(address_of(boot),), expose=(ExposeSpec("echo", HostPort("127.0.0.1", free_port())),)
+            )
+            working = await provider(nursery, boot)
+            for p in (broken, working):
+                await published(boot, p, "echo")
+            port = free_port()
+            await start_node(
+                nursery, bootstrap=(address_of(boot),), tunnels_by_name=(TunnelByNameSpec("echo", HostPort("127.0.0.1", port)),)
+            )
+            for i in range(4):
+                assert await exchange(port, b"round %d" % i) == b"round %d" % i
+            assert broken.service.accepted == 0
+            assert working.service.accepted == 4
+            nursery.cancel_scope.cancel()
+
+
 async def test_mdns_finds_a_peer_on_the_lan_and_tunnels_by_name():
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:

@@ -73,6 +73,9 @@ class TunnelClient:
         errors: list[str] = []
         request = encode_request(self.service)
         # Two rounds: the known candidates, then (if all failed) a fresh lookup's new ones.
+        # Nothing has been read from the local connection yet, so a provider that fails
+        # or refuses (a stale record: it no longer exposes the service) costs nothing
+        # but the time to ask the next one.
         for refresh in (False, True):
             candidates = [p for p in await self.finder.candidates(self.service, refresh) if p not in tried]
             for peer_id in candidates:
@@ -84,25 +87,34 @@ class TunnelClient:
                     errors.append(f"{peer_id}: {exc}")
                     self.finder.failed(self.service, peer_id)
                     continue
-                await self._handshake_and_pipe(local, stream, early, str(peer_id), path, fields, started)
+                peer = str(peer_id)
+                refusal, early_bytes = await self._handshake(stream, early, peer, fields)
+                if refusal is not None:
+                    errors.append(f"{peer_id}: {refusal}")
+                    self.finder.failed(self.service, peer_id)
+                    continue
+                await self._pipe(local, stream, early_bytes, peer, path, fields, started)
                 return
         reason = "; ".join(errors) if errors else "no peer provides this service (will look again)"
         log.warning("client tunnel error", **fields, reason=reason)
 
-    async def _handshake_and_pipe(
-        self, local, stream, early: bytes, peer: str, path: str, fields: dict, started: float
-    ) -> None:
+    async def _handshake(self, stream, early: bytes, peer: str, fields: dict) -> tuple[str | None, bytes]:
+        """Read the provider's answer: (None, bytes after it) if accepted, else (why, b"")."""
         try:
             message, early_bytes = await read_message(stream, already_read=early)
             response = parse_response(message)
         except Exception as exc:  # WireError, TooSlowError and stream errors alike
-            log.warning("client tunnel error", **fields, peer=peer, reason=f"handshake: {type(exc).__name__} {exc}")
+            reason = f"handshake: {type(exc).__name__} {exc}"
+            log.warning("client tunnel error", **fields, peer=peer, reason=reason)
             await _reset(stream)
-            return
+            return reason, b""
         if not response.accepted:
             log.warning("client tunnel rejected", **fields, peer=peer, reason=response.reason)
             await _reset(stream)
-            return
+            return f"rejected: {response.reason}", b""
+        return None, early_bytes
+
+    async def _pipe(self, local, stream, early_bytes: bytes, peer: str, path: str, fields: dict, started: float) -> None:
         setup_ms = round((time.monotonic() - started) * 1000, 2)
         log.info("client tunnel opened", **fields, peer=peer, path=path, setup_ms=setup_ms)
         result = PipeResult()
