@@ -48,17 +48,67 @@ TUNNEL_PORT = 2222  # hostb's local end of the tunnel to the echo service
 #   python -c CLIENT_SCRIPT echo PORT SIZE TIMEOUT [STALL_AT STALL_SECONDS]
 #   python -c CLIENT_SCRIPT hold PORT TIMEOUT
 #   python -c CLIENT_SCRIPT ping PORT TIMEOUT
+#   python -c CLIENT_SCRIPT idle PORT IDLE_SECONDS TIMEOUT
+#   python -c CLIENT_SCRIPT many PORT COUNT SIZE TIMEOUT
+#   python -c CLIENT_SCRIPT sequential PORT COUNT TIMEOUT
 # "echo" sends SIZE random bytes, half-closes, reads everything back (optionally pausing
 # its reading for STALL_SECONDS after STALL_AT bytes) and prints one JSON line with both
 # sha256 digests. "hold" echoes a short message, prints {"state": "open"}, then waits (at
 # most TIMEOUT) for the connection to end and prints {"state": "closed"}. "ping" sends one
 # short message and prints one JSON line with the connect and first-echoed-byte times.
+# "idle" echoes a message, prints {"state": "open"}, sends nothing for IDLE_SECONDS,
+# echoes again and prints how long the connection was idle. "many" runs COUNT
+# connections at once, each echoing SIZE random bytes (sha256 compared); "sequential"
+# runs COUNT short echo connections one after the other; both print their tallies.
 CLIENT_SCRIPT = r"""
-import hashlib, json, os, socket, sys, threading, time
+import asyncio, hashlib, json, os, socket, sys, threading, time
 mode, port = sys.argv[1], int(sys.argv[2])
 def out(**fields):
     print(json.dumps(fields), flush=True)
 started = time.monotonic()
+async def echo_once(payload, limit):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), limit)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), limit)  # until EOF
+    finally:
+        writer.close()
+async def many(count, size, limit):
+    payloads = [os.urandom(size) for _ in range(count)]
+    async def one(payload):
+        try:
+            got = await echo_once(payload, limit)
+            return "ok" if hashlib.sha256(got).digest() == hashlib.sha256(payload).digest() else "differs (%d B)" % len(got)
+        except Exception as exc:
+            return repr(exc)
+    results = await asyncio.wait_for(asyncio.gather(*(one(p) for p in payloads)), limit)
+    bad = [r for r in results if r != "ok"]
+    out(state="done", ok=count - len(bad), bad=bad[:5], total_s=round(time.monotonic() - started, 3))
+async def sequential(count, limit):
+    failures, first = 0, None
+    deadline = time.monotonic() + limit
+    done = 0
+    for i in range(count):
+        if time.monotonic() > deadline:
+            break
+        message = b"sequential %d" % i
+        try:
+            if await echo_once(message, 10) != message:
+                failures += 1
+                first = first or "connection %d: wrong echo" % i
+        except Exception as exc:
+            failures += 1
+            first = first or "connection %d: %r" % (i, exc)
+        done += 1
+    out(state="done", done=done, failures=failures, first_failure=first, total_s=round(time.monotonic() - started, 3))
+if mode == "many":
+    asyncio.run(many(int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+    sys.exit(0)
+if mode == "sequential":
+    asyncio.run(sequential(int(sys.argv[3]), float(sys.argv[4])))
+    sys.exit(0)
 if mode == "ping":
     limit = float(sys.argv[3])
     message = b"punchgate first byte\n"
@@ -121,6 +171,31 @@ if mode == "echo":
     out(state="done", sent=size, received=received, sent_sha256=hashlib.sha256(payload).hexdigest(),
         received_sha256=digest.hexdigest(), first_byte_ms=None if first_byte is None else round(first_byte * 1000, 1),
         total_s=round(time.monotonic() - started, 3), error=error or (send_error[0] if send_error else None))
+elif mode == "idle":
+    idle_for, limit = float(sys.argv[3]), float(sys.argv[4])
+    conn.settimeout(limit)
+    def echo(message):
+        conn.sendall(message)
+        got = b""
+        while len(got) < len(message):
+            data = conn.recv(4096)
+            if not data:
+                break
+            got += data
+        return got
+    idle_from = time.monotonic()
+    try:
+        if echo(b"before idle\n") != b"before idle\n":
+            out(state="error", error="first echo differs")
+            sys.exit(0)
+        out(state="open")
+        idle_from = time.monotonic()
+        time.sleep(idle_for)
+        idle_s = round(time.monotonic() - idle_from, 1)
+        got = echo(b"after idle\n")
+        out(state="done", idle_s=idle_s, error=None if got == b"after idle\n" else "echo after idle was " + repr(got))
+    except OSError as exc:
+        out(state="done", idle_s=round(time.monotonic() - idle_from, 1), error=repr(exc))
 elif mode == "hold":
     limit = float(sys.argv[3])
     conn.settimeout(limit)
@@ -366,6 +441,14 @@ class NatLab:
         """
         extra = [str(stall[0]), str(stall[1])] if stall else []
         return self._client_result(name, "echo", str(TUNNEL_PORT), str(size), str(timeout), *extra, timeout=timeout)
+
+    def many_through_tunnel(self, name: str, count: int, size: int, timeout: float) -> dict:
+        """COUNT connections at once through hostb's tunnel, each echoing SIZE random bytes."""
+        return self._client_result(name, "many", str(TUNNEL_PORT), str(count), str(size), str(timeout), timeout=timeout)
+
+    def sequential_through_tunnel(self, name: str, count: int, timeout: float) -> dict:
+        """COUNT short echo connections one after another through hostb's tunnel."""
+        return self._client_result(name, "sequential", str(TUNNEL_PORT), str(count), str(timeout), timeout=timeout)
 
     def ping_through_tunnel(self, name: str, timeout: float) -> dict:
         """Run a "ping" client in hostb; its result line (connect_ms, first_byte_ms, error)."""
