@@ -385,8 +385,9 @@ def setups(port: int, count: int) -> list[float]:
     return samples
 
 
-def wait_until_echoes(port: int, timeout: float, alive: Callable[[], str | None]) -> None:
-    """Retry a 1-byte echo through ``port`` until it works; ``alive`` names a dead helper."""
+def retry_until(attempt: Callable[[float], str | None], what: str, timeout: float, alive: Callable[[], str | None]) -> None:
+    """Call ``attempt(time_left)`` every 0.5 s until it returns None (success) or ``timeout``
+    passes; it returns why it failed. ``alive`` names a helper process that died."""
     deadline = time.monotonic() + timeout
     last = "never tried"
     while time.monotonic() < deadline:
@@ -394,31 +395,33 @@ def wait_until_echoes(port: int, timeout: float, alive: Callable[[], str | None]
         if dead:
             raise RuntimeError(dead)
         try:
-            first_echo(port, timeout=max(1.0, min(30.0, deadline - time.monotonic())))
-            return
+            failure = attempt(deadline - time.monotonic())
         except OSError as exc:  # refused (not listening yet), closed (tunnel refused), timeout
-            last = f"{type(exc).__name__}: {exc}"
+            failure = f"{type(exc).__name__}: {exc}"
+        if failure is None:
+            return
+        last = failure
         time.sleep(0.5)
-    raise TimeoutError(f"no echo through 127.0.0.1:{port} within {timeout:.0f} s ({last})")
+    raise TimeoutError(f"no {what} within {timeout:.0f} s ({last})")
+
+
+def wait_until_echoes(port: int, timeout: float, alive: Callable[[], str | None]) -> None:
+    """Retry a 1-byte echo through ``port`` until it works."""
+
+    def attempt(left: float) -> None:
+        first_echo(port, timeout=max(1.0, min(30.0, left)))
+
+    retry_until(attempt, f"echo through 127.0.0.1:{port}", timeout, alive)
 
 
 def wait_until_sinks(port: int, timeout: float, alive: Callable[[], str | None]) -> None:
     """Retry a 1 MiB transfer to the sink through ``port`` until one arrives intact."""
-    deadline = time.monotonic() + timeout
-    last = "never tried"
-    while time.monotonic() < deadline:
-        dead = alive()
-        if dead:
-            raise RuntimeError(dead)
-        try:
-            result = transfer(port, CHUNK)
-            if result["ok"]:
-                return
-            last = str(result.get("error"))
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.5)
-    raise TimeoutError(f"no intact transfer through 127.0.0.1:{port} within {timeout:.0f} s ({last})")
+
+    def attempt(left: float) -> str | None:
+        result = transfer(port, CHUNK)
+        return None if result["ok"] else str(result.get("error"))
+
+    retry_until(attempt, f"intact transfer through 127.0.0.1:{port}", timeout, alive)
 
 
 def p99(samples: list[float]) -> float:
