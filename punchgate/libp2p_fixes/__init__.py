@@ -28,6 +28,10 @@ Defects fixed:
   ``NoiseSession`` reads into a persistent buffer, decrypts from memoryviews and
   writes a batch of messages, encrypted in place, with one socket write. Bound
   to ``noise.patterns.SecureSession``.
+- ``net_stream`` -- ``NetStream.read``/``write``
+  (``libp2p/network/stream/net_stream.py``) acquire a ``trio.Lock`` (a scheduler
+  pass) around a state check that has no await, on every call. ``LeanNetStream``
+  checks without it. Bound to ``swarm_connection.NetStream``.
 - ``host_addrs`` -- ``BasicHost.get_addrs`` turns a relay circuit address into
   the relay's socket labelled with our peer ID. Bound to ``BasicHost.get_addrs``.
 - ``kad_dht`` -- the DHT admits client-mode peers to its routing table, so
@@ -39,7 +43,7 @@ Defects fixed:
 
 from __future__ import annotations
 
-from punchgate.libp2p_fixes import host_addrs, noise, yamux, yamux_flow
+from punchgate.libp2p_fixes import host_addrs, net_stream, noise, yamux, yamux_flow
 
 _installed = False
 
@@ -52,6 +56,7 @@ def install() -> None:
     yamux.install()
     yamux_flow.install()
     noise.install()
+    net_stream.install()
     host_addrs.install()
     _installed = True
 
