@@ -39,6 +39,12 @@ Defects fixed:
 - ``dcutr`` -- hole punching dials hopeless addresses first, can hang when QUIC
   addresses are known, and closes relayed connections under live streams.
   ``BoundedDCUtR`` (used by the hole-punch runtime).
+- ``relay_hop`` -- the circuit relay's data path
+  (``libp2p/relay/circuit_v2/protocol.py`` ``CircuitV2Protocol._relay_data``):
+  the end of one circuit closes the streams of another circuit to the same
+  peer, a 15 s write deadline tears circuits down under back-pressure, 64 KiB
+  reads, a half-close ends both directions. ``RelayHop`` (used by the relay
+  runtime).
 """
 
 from __future__ import annotations

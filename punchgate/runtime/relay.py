@@ -1,6 +1,7 @@
 """Circuit relay v2: serving as a relay, holding reservations, dialing through relays.
 
-Every node runs py-libp2p's ``CircuitV2Protocol`` with hop enabled and resource limits
+Every node runs py-libp2p's ``CircuitV2Protocol`` (as our ``RelayHop``, whose data path
+keeps circuits apart: ``libp2p_fixes/relay_hop.py``) with hop enabled and resource limits
 (:data:`RELAY_LIMITS`); a node nobody can reach simply never gets hop requests. A node
 that finds itself PRIVATE reserves a slot on a connected bootstrap peer
 (:meth:`Relays.reserve`), renews it before it expires and, while it holds one,
@@ -21,11 +22,12 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetConn
 from libp2p.peer.id import ID
-from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, RelayLimits
+from libp2p.relay.circuit_v2 import CircuitV2Transport, RelayLimits
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from punchgate.libp2p_fixes.relay_hop import RelayHop
 from punchgate.logs import get_logger
 from punchgate.runtime.addresses import AddressBook
 from punchgate.specs import transport_of, without_peer_id
@@ -50,7 +52,7 @@ class Relays:
         self.host = host
         self.address_book = address_book
         self.post = post
-        self.protocol = CircuitV2Protocol(host, limits=RELAY_LIMITS, allow_hop=True)
+        self.protocol = RelayHop(host, limits=RELAY_LIMITS, allow_hop=True)
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
         self._renewals: dict[ID, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
