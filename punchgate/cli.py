@@ -27,10 +27,12 @@ def run(config: Config) -> int:
     import trio
 
     from punchgate import __version__
+    from punchgate.allocator import keep_buffers_in_heap
     from punchgate.identity import IdentityError, load_or_create_identity
     from punchgate.logs import configure_logging, get_logger
     from punchgate.runtime.node import Node
 
+    keep_buffers_in_heap()
     configure_logging(config.log_format, config.log_level)
     log = get_logger("punchgate")
     try:
