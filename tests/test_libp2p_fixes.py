@@ -347,6 +347,40 @@ async def test_frames_fit_one_noise_message_and_bodies_are_not_copied():
     assert len(body_kinds) == full + 1 and set(body_kinds) == {"memoryview"}, body_kinds
 
 
+async def test_write_batches_are_4_full_frames_and_a_small_tail_rides_along():
+    """A write goes to the sender in batches of 4 full frames; a tail of a few bytes joins
+    the last batch instead of becoming a batch (a socket write) of its own."""
+    from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD
+
+    got = {}
+    done = trio.Event()
+
+    async def handler(stream) -> None:
+        got["data"] = await read_until_eof(stream)
+        done.set()
+
+    async with host_pair() as (listener, dialer):
+        listener.set_stream_handler(PROTO, handler)
+        stream = await dialer.new_stream(listener.get_id(), [PROTO])
+        conn = stream.muxed_stream.conn
+        batches: list[list[int]] = []
+        send_frames = conn._send_frames
+
+        async def _send_frames(frames):
+            batches.append([len(payload) for _, payload in frames])
+            await send_frames(frames)
+
+        conn._send_frames = _send_frames
+        payload = pattern(8 * FRAME_PAYLOAD + 120)  # two Noise batches relayed: 4 x 65,537 B each
+        with trio.fail_after(10):
+            await stream.write(payload)
+            await stream.close_write()
+            await done.wait()
+    data_batches = [sizes for sizes in batches if any(sizes)]
+    assert data_batches == [[FRAME_PAYLOAD] * 4, [FRAME_PAYLOAD] * 4 + [120]], data_batches
+    assert got["data"] == payload
+
+
 async def test_streams_announce_16_mib_window_and_credit_every_half_window():
     total = 40 * MiB
     payload = pattern(total)

@@ -96,7 +96,10 @@ _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one Noise message
 RECEIVE_WINDOW = 16 * 1024 * 1024
 WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
-WRITE_BATCH = 4  # frames per connection-lock hold (~256 KiB)
+WRITE_BATCH = 4  # full frames per batch handed to the sender (~256 KiB)
+# A write's last few bytes ride in the same batch: a Noise session relayed over a stream
+# writes 4 x 65,537 B at a time, which would otherwise leave a 120 B batch of its own.
+SMALL_TAIL = 4096
 SEND_COALESCE = 4  # frames per call into the secure session: 4 full Noise messages fill its buffer
 MAX_QUEUED_PING_REPLIES = 4096  # a peer that pings but never reads gets no more answers
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
@@ -207,7 +210,9 @@ class FlowYamuxStream(BackpressureYamuxStream):
                 # No await from here to the queueing: the window is debited
                 # exactly for the frames the sender will write.
                 frames = []
-                while sent < total and self.send_window > 0 and len(frames) < WRITE_BATCH:
+                while sent < total and self.send_window > 0 and (
+                    len(frames) < WRITE_BATCH or total - sent <= SMALL_TAIL
+                ):
                     size = min(self.send_window, FRAME_PAYLOAD, total - sent)
                     self.send_window -= size
                     header = _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, size)
