@@ -348,9 +348,9 @@ async def test_frames_fit_one_noise_message_and_bodies_are_not_copied():
 
 
 async def test_write_batches_are_4_full_frames_and_a_small_tail_rides_along():
-    """A write goes to the sender in batches of 4 full frames; a tail of a few bytes joins
+    """A write goes to the sender in batches of WRITE_BATCH full frames; a tail of a few bytes joins
     the last batch instead of becoming a batch (a socket write) of its own."""
-    from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD
+    from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD, WRITE_BATCH
 
     got = {}
     done = trio.Event()
@@ -371,13 +371,13 @@ async def test_write_batches_are_4_full_frames_and_a_small_tail_rides_along():
             await send_frames(frames)
 
         conn._send_frames = _send_frames
-        payload = pattern(8 * FRAME_PAYLOAD + 120)  # two Noise batches relayed: 4 x 65,537 B each
+        payload = pattern(2 * WRITE_BATCH * FRAME_PAYLOAD + 120)  # as two batches of a relayed Noise session
         with trio.fail_after(10):
             await stream.write(payload)
             await stream.close_write()
             await done.wait()
     data_batches = [sizes for sizes in batches if any(sizes)]
-    assert data_batches == [[FRAME_PAYLOAD] * 4, [FRAME_PAYLOAD] * 4 + [120]], data_batches
+    assert data_batches == [[FRAME_PAYLOAD] * WRITE_BATCH, [FRAME_PAYLOAD] * WRITE_BATCH + [120]], data_batches
     assert got["data"] == payload
 
 

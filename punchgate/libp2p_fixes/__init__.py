@@ -20,7 +20,7 @@ Defects fixed:
   too big for a Noise message, a 256 KiB start window with an update per read,
   a per-frame lock/timeout/copy-heavy reader. ``FlowYamux`` sizes frames to one
   Noise message, announces a 16 MiB window at stream open and credits it every
-  half window, writes in bounded 4-frame batches, and reads frame bodies as
+  half window, writes in bounded 8-frame batches, and reads frame bodies as
   zero-copy views. Bound to ``muxer_multistream.Yamux``.
 - ``noise`` -- Noise transport overhead (``libp2p/io/msgio.py``,
   ``libp2p/security/noise/io.py``, ``libp2p/security/secure_session.py``): two

@@ -58,7 +58,7 @@ RECV_SIZE = 256 * 1024
 # Room for one big recv after compaction plus one whole message that straddles it.
 BUFFER_SIZE = RECV_SIZE + _LENGTH.size + _MAX_MESSAGE
 _TAG = 16  # Poly1305
-SEND_BUFFER_SIZE = 4 * (_LENGTH.size + _MAX_MESSAGE)  # one batch of 4 full messages
+SEND_BUFFER_SIZE = 8 * (_LENGTH.size + _MAX_MESSAGE)  # one batch of 8 full messages
 
 
 def _trio_socket_stream(raw: Any) -> trio.SocketStream | None:

@@ -33,7 +33,7 @@ same two streams swapped; the first of the pair to run relays the whole circuit,
 other returns at once. For each circuit:
 
 * both directions run in one nursery under one cancel scope: each reads whatever is
-  buffered, up to four full frames (one sender batch of ``yamux_flow``), and writes it
+  buffered, up to eight full frames (one sender batch of ``yamux_flow``), and writes it
   with no deadline of its own (back-pressure waits);
 * EOF in one direction becomes ``close_write`` on the other stream, and the circuit
   ends cleanly (both streams closed) once both directions have; if either fails, the
@@ -65,7 +65,7 @@ from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD, WRITE_BATCH
 
 logger = logging.getLogger(__name__)
 
-RELAY_READ = WRITE_BATCH * FRAME_PAYLOAD  # 262,028 B: one read, one full sender batch
+RELAY_READ = WRITE_BATCH * FRAME_PAYLOAD  # 524,056 B: one read, one full sender batch
 STATUS_TIMEOUT = 2.0  # the limit status is a courtesy before the reset
 FINISH_TIMEOUT = 5.0  # closing or resetting one stream at the end of a circuit
 

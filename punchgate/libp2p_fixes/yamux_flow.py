@@ -25,11 +25,11 @@ library's ``Yamux`` and of our ``BackpressureYamuxStream``):
   credits the peer only once half of it has been consumed.
 - One task per connection, the sender, is the only writer of the secure session.
   Everything else queues frames for it: a stream write queues batches of at most
-  4 frames (~256 KiB), one at a time per stream (the next waits until the sender
+  8 frames (~512 KiB), one at a time per stream (the next waits until the sender
   has written the previous one, which carries back-pressure); control frames
   (window updates, SYN acknowledgements, ping replies) are queued without
   waiting. The sender writes what is queued, several batches per call into the
-  secure session (``NoiseSession.write_many``: one socket write per ~256 KiB),
+  secure session (``NoiseSession.write_many``: one socket write per ~512 KiB),
   in queue order, so streams take turns.
   This fixes two faults of the library's design, where every writer (the frame
   reader included) takes the connection's write lock and writes itself:
@@ -96,11 +96,11 @@ _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one Noise message
 RECEIVE_WINDOW = 16 * 1024 * 1024
 WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
-WRITE_BATCH = 4  # full frames per batch handed to the sender (~256 KiB)
+WRITE_BATCH = 8  # full frames per batch handed to the sender (~512 KiB)
 # A write's last few bytes ride in the same batch: a Noise session relayed over a stream
-# writes 4 x 65,537 B at a time, which would otherwise leave a 120 B batch of its own.
+# writes 8 x 65,537 B at a time, which would otherwise leave a 240 B batch of its own.
 SMALL_TAIL = 4096
-SEND_COALESCE = 4  # frames per call into the secure session: 4 full Noise messages fill its buffer
+SEND_COALESCE = 8  # frames per call into the secure session: 8 full Noise messages fill its buffer
 MAX_QUEUED_PING_REPLIES = 4096  # a peer that pings but never reads gets no more answers
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
 # Ways the transport reports that the connection is over (logged quietly).

@@ -23,7 +23,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF
 
-CHUNK = 4 * 65507  # one write batch of full Yamux frames (FlowYamux: 4 frames of 65,507 B)
+CHUNK = 8 * 65507  # one write batch of full Yamux frames (FlowYamux: 8 frames of 65,507 B)
 CLOSE_TIMEOUT = 2.0
 
 
