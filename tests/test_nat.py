@@ -17,7 +17,8 @@ tables, from outside the nodes, and in the client's ``client tunnel opened`` eve
 with a symmetric NAT it stays on the relay and no direct flow exists, and the relayed
 path passes the data-path checks (1,000 concurrent connections, 10,000 sequential ones
 with no descriptor or memory growth in any of the three nodes, a connection idle 75 s
-meanwhile, a 100 MB echo whose reader stalls 60 s); and killing the
+meanwhile, the echo service killed under an open connection, a 100 MB echo whose reader
+stalls 60 s); and killing the
 provider (SIGKILL) ends an open client connection within 10 s instead of leaving it
 hanging.
 
@@ -177,6 +178,21 @@ def relayed_reliability(lab: NatLab) -> None:
     lab.note(f"relayed idle connection: {result}")
     assert result["error"] is None and result["idle_s"] >= IDLE_SECONDS, f"idle connection: {result}"
     idle_proc.wait(timeout=10)
+
+    # The service going away (its process killed) closes the client's connection.
+    _, held = lab.client("service-gone client", "hold", str(TUNNEL_PORT), str(CLOSE_LIMIT + 20))
+    _, line = held.wait(lambda text: '"state"' in text, FIRST_ECHO_TIMEOUT, "connection to the service open")
+    assert json.loads(line)["state"] == "open", f"connection to the service did not open: {line}"
+    echo_server, _ = lab.helpers["echo server"]
+    killed_at = time.monotonic()
+    echo_server.kill()  # SIGKILL, by PID
+    echo_server.wait(timeout=10)
+    arrived, line = held.wait(lambda text: '"closed"' in text, CLOSE_LIMIT + 25, "connection end after the service died")
+    how = json.loads(line)["how"]
+    lab.note(f"relayed: service killed; client connection ended ({how}) {arrived - killed_at:.2f} s later")
+    assert how == "eof" or how.startswith("reset"), f"client connection did not end with the service: {how}"
+    assert arrived - killed_at < CLOSE_LIMIT, f"client connection ended {arrived - killed_at:.1f} s after the service"
+    lab.start_echo_server()  # back for the checks that follow
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["masquerade", "symmetric"])
