@@ -175,6 +175,13 @@ class _Queued:
         self.sent = sent
         self.failed: str | None = None  # why the frames were not sent
 
+    async def written(self) -> None:
+        """Return once the sender wrote these frames; raise if it never will."""
+        if self.sent is not None and not self.sent.is_set():
+            await self.sent.wait()
+        if self.failed is not None:
+            raise MuxedStreamError(f"connection lost: {self.failed}")
+
 
 class FlowYamuxStream(BackpressureYamuxStream):
     """Stream of a ``FlowYamux``: big window, rare updates, batched writes."""
@@ -223,13 +230,9 @@ class FlowYamuxStream(BackpressureYamuxStream):
     async def _previous_batch_sent(self) -> None:
         """Wait until our last queued batch is written; raise if it never will be."""
         queued = self._in_flight
-        if queued is None:
-            return
-        if queued.sent is not None and not queued.sent.is_set():
-            await queued.sent.wait()
-        self._in_flight = None
-        if queued.failed is not None:
-            raise MuxedStreamError(f"connection lost: {queued.failed}")
+        if queued is not None:
+            await queued.written()
+            self._in_flight = None
 
     async def read(self, n: int | None = -1) -> bytes:
         if n is None:
@@ -298,17 +301,9 @@ class FlowYamux(Yamux):
         Cancelled while waiting, the frames are still sent (or the connection
         torn down): what a stream debited from its window always reaches the peer.
         """
-        if not self._start_sender():
-            # No connection nursery yet (or any more): write directly.
-            async with self._write_lock:
-                await self._send_frames(frames)
-            return
-        queued = _Queued(frames, trio.Event())
-        self._outbox.append(queued)
-        self._outbox_ready.set()
-        await queued.sent.wait()
-        if queued.failed is not None:
-            raise MuxedStreamError(f"connection lost: {queued.failed}")
+        queued = await self._send_pipelined(frames)
+        if queued is not None:
+            await queued.written()
 
     async def _send_pipelined(self, frames: list[tuple[bytes, bytes | memoryview]]) -> _Queued | None:
         """Queue frames for the sender without waiting; returns what to wait on later."""
