@@ -37,7 +37,8 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.libp2p_fixes.relay_hop import RelayHop
 from punchgate.runtime.addresses import AddressBook
-from punchgate.runtime.host import build_host, open_stream_on
+from punchgate.runtime.host import build_host
+from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.relay import RELAY_LIMITS, Relays
 from punchgate.state import events as ev
 

@@ -21,7 +21,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 
 from punchgate import libp2p_fixes
-from punchgate.runtime.host import _split_message, open_stream_on
+from punchgate.runtime.multistream import _split_message, open_stream_on
 from tests.test_libp2p_fixes import PROTO, REPO_ROOT, make_host
 
 TIMEOUT = 30

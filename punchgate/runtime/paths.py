@@ -23,7 +23,8 @@ from libp2p.peer.id import ID
 
 from punchgate.logs import get_logger
 from punchgate.runtime.holepunch import HolePuncher
-from punchgate.runtime.host import NoRouteError, dial_tcp, live_connection, open_stream_on
+from punchgate.runtime.host import NoRouteError, dial_tcp, live_connection
+from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.relay import Relays
 
 PUNCH_WAIT = 3.0  # a punch through port-preserving NATs takes ~0.25 s
