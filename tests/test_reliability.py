@@ -22,6 +22,7 @@ from punchgate.specs import ExposeSpec, HostPort, TunnelSpec
 MIB = 1024 * 1024
 STALL_SECONDS = float(os.environ.get("PUNCHGATE_STALL_TEST_SECONDS", "60"))
 IDLE_SECONDS = float(os.environ.get("PUNCHGATE_IDLE_TEST_SECONDS", "70"))
+IDLE_MINUTES = 10  # on the trio clock (see test_idle_for_10_minutes_of_trio_time_with_the_real_defaults)
 
 
 def rss_bytes() -> int:
@@ -123,6 +124,32 @@ async def test_idle_connection_still_carries_data():
             await trio.sleep(IDLE_SECONDS)  # idleness is the scenario under test
             await stream.send_all(b"after the pause")
             assert await stream.receive_some(100) == b"after the pause"
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_idle_for_10_minutes_of_trio_time_with_the_real_defaults(mock_clock):
+    """Ten idle minutes on the trio clock, every timer at its real default.
+
+    All nodes run in this process, so once the tunnel is idle every task waits on a
+    timer or a socket. The mock clock then jumps to the next deadline after 0.1 s of
+    real quiet: each timer on the path (pings, Yamux RTT probes, the TCP path's
+    timeouts, DHT refreshes) fires as it would in ten real minutes, in seconds. (A
+    timer that closed the peer connection after 5 minutes, added by hand, made this
+    test fail.)
+    """
+    mock_clock.autojump_threshold = 0.1  # real seconds of quiet before the clock jumps
+    with trio.fail_after(IDLE_MINUTES * 60 + 120):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await tunnel_to(nursery, await start_echo_server(nursery))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"before")
+            assert await stream.receive_some(100) == b"before"
+            idle_from = trio.current_time()
+            await trio.sleep(IDLE_MINUTES * 60)  # idleness is the scenario under test
+            assert trio.current_time() - idle_from >= IDLE_MINUTES * 60
+            await stream.send_all(b"after ten minutes")
+            assert await stream.receive_some(100) == b"after ten minutes"
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
