@@ -7,22 +7,16 @@ step by step, as any peer that does not know about pipelining does.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from contextlib import asynccontextmanager
 
-import multiaddr
 import pytest
 import trio
 from libp2p.network.stream.exceptions import StreamEOF
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 
 from punchgate import libp2p_fixes
 from punchgate.runtime.multistream import _split_message, open_stream_on
-from tests.test_libp2p_fixes import PROTO, REPO_ROOT, make_host
+from tests.test_libp2p_fixes import PROTO, unpatched_server
 
 TIMEOUT = 30
 
@@ -35,26 +29,8 @@ def fixes_installed():
 
 @asynccontextmanager
 async def connection_to_unpatched_server():
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO_ROOT, "tests", "test_libp2p_fixes.py"), "echo-server"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-    )
-    try:
-        line = await trio.to_thread.run_sync(server.stdout.readline)
-        _, peer_id, addr = line.split()
-        host, addrs = make_host()
-        async with host.run(listen_addrs=addrs):
-            peer = ID.from_base58(peer_id)
-            await host.connect(PeerInfo(peer, [multiaddr.Multiaddr(addr)]))
-            yield host.get_network().get_connections(peer)[0]
-    finally:
-        server.stdin.close()
-        server.stdout.close()
-        server.wait(timeout=10)
+    async with unpatched_server() as (host, peer):
+        yield host.get_network().get_connections(peer)[0]
 
 
 async def read_exactly(stream, n: int, already: bytes = b"") -> bytes:

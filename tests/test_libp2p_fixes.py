@@ -758,7 +758,10 @@ async def unpatched_echo_client(peer_id: str, addr: str, total: int) -> dict:
             return {"intact": await echo_through(host, peer, total)}
 
 
-async def test_interop_patched_dials_unpatched():
+@asynccontextmanager
+async def unpatched_server():
+    """A host of ours connected to this file's ``echo-server`` (the library as shipped,
+    in another process); yields (host, the server's peer ID)."""
     from libp2p.peer.id import ID
 
     server = subprocess.Popen(
@@ -776,11 +779,17 @@ async def test_interop_patched_dials_unpatched():
         async with host.run(listen_addrs=addrs):
             peer = ID.from_base58(peer_id)
             await host.connect(PeerInfo(peer, [multiaddr.Multiaddr(addr)]))
-            with trio.fail_after(60):
-                assert await echo_through(host, peer, 24 * MiB)
+            yield host, peer
     finally:
         server.stdin.close()
+        server.stdout.close()
         server.wait(timeout=10)
+
+
+async def test_interop_patched_dials_unpatched():
+    async with unpatched_server() as (host, peer):
+        with trio.fail_after(60):
+            assert await echo_through(host, peer, 24 * MiB)
 
 
 async def test_interop_unpatched_dials_patched():

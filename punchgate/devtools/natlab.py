@@ -66,6 +66,18 @@ mode, port = sys.argv[1], int(sys.argv[2])
 def out(**fields):
     print(json.dumps(fields), flush=True)
 started = time.monotonic()
+def echo(conn, message, first_byte=None):
+    # Send MESSAGE, read until as many bytes came back or EOF; first_byte(): first data seen.
+    conn.sendall(message)
+    got = b""
+    while len(got) < len(message):
+        data = conn.recv(4096)
+        if not data:
+            break
+        if not got and first_byte is not None:
+            first_byte()
+        got += data
+    return got
 async def echo_once(payload, limit):
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), limit)
     try:
@@ -116,15 +128,7 @@ if mode == "ping":
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=limit) as conn:
             result["connect_ms"] = round((time.monotonic() - started) * 1000, 2)
-            conn.sendall(message)
-            got = b""
-            while len(got) < len(message):
-                data = conn.recv(4096)
-                if not data:
-                    break
-                if not got:
-                    result["first_byte_ms"] = round((time.monotonic() - started) * 1000, 2)
-                got += data
+            got = echo(conn, message, lambda: result.update(first_byte_ms=round((time.monotonic() - started) * 1000, 2)))
             if got != message:
                 result["error"] = "echo was " + repr(got)
     except OSError as exc:
@@ -174,25 +178,16 @@ if mode == "echo":
 elif mode == "idle":
     idle_for, limit = float(sys.argv[3]), float(sys.argv[4])
     conn.settimeout(limit)
-    def echo(message):
-        conn.sendall(message)
-        got = b""
-        while len(got) < len(message):
-            data = conn.recv(4096)
-            if not data:
-                break
-            got += data
-        return got
     idle_from = time.monotonic()
     try:
-        if echo(b"before idle\n") != b"before idle\n":
+        if echo(conn, b"before idle\n") != b"before idle\n":
             out(state="error", error="first echo differs")
             sys.exit(0)
         out(state="open")
         idle_from = time.monotonic()
         time.sleep(idle_for)
         idle_s = round(time.monotonic() - idle_from, 1)
-        got = echo(b"after idle\n")
+        got = echo(conn, b"after idle\n")
         out(state="done", idle_s=idle_s, error=None if got == b"after idle\n" else "echo after idle was " + repr(got))
     except OSError as exc:
         out(state="done", idle_s=round(time.monotonic() - idle_from, 1), error=repr(exc))
@@ -200,13 +195,7 @@ elif mode == "hold":
     limit = float(sys.argv[3])
     conn.settimeout(limit)
     try:
-        conn.sendall(b"hold\n")
-        got = b""
-        while len(got) < 5:
-            data = conn.recv(64)
-            if not data:
-                break
-            got += data
+        got = echo(conn, b"hold\n")
     except OSError as exc:
         out(state="error", error=repr(exc))
         sys.exit(0)
