@@ -483,11 +483,17 @@ async def test_frame_reader_keeps_reading_while_the_connection_cannot_send():
 
     async with host_pair() as (listener, dialer):
         listener_side: list = []
-        listener.set_stream_handler(PROTO, lambda stream: listener_side.append(stream) or trio.sleep(30))
+        arrived = trio.Event()
+
+        async def handler(stream) -> None:
+            listener_side.append(stream)
+            arrived.set()
+            await trio.sleep_forever()  # the test reads from it; the host's shutdown ends it
+
+        listener.set_stream_handler(PROTO, handler)
         first = await dialer.new_stream(listener.get_id(), [PROTO])
         with trio.fail_after(5):
-            while not listener_side:
-                await trio.sleep(0.01)
+            await arrived.wait()
         dialer_conn = first.muxed_stream.conn
         listener_conn = listener_side[0].muxed_stream.conn
         with trio.fail_after(10):
