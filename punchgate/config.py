@@ -57,6 +57,7 @@ class Config:
     log_level: str = "info"
     mdns: bool = True
     republish_interval: float = 300.0
+    connect_timeout: float = 30.0
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:
@@ -89,6 +90,7 @@ FLAGS = (
     ),
     _Flag("--log-format", "PUNCHGATE_LOG_FORMAT", "json", str, False),
     _Flag("--republish-interval", "PUNCHGATE_REPUBLISH_INTERVAL", "300", parse_interval, False),
+    _Flag("--connect-timeout", "PUNCHGATE_CONNECT_TIMEOUT", "30", parse_interval, False),
 )
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -114,6 +116,7 @@ METAVARS = {
     "--tunnel-by-name": "SERVICE@HOST:PORT",
     "--log-format": "console|json",
     "--republish-interval": "SECONDS",
+    "--connect-timeout": "SECONDS",
 }
 
 
@@ -132,6 +135,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--tunnel-by-name": "forward local HOST:PORT to whoever provides SERVICE (repeatable)",
         "--log-format": "console (default) or json (one object per line)",
         "--republish-interval": "seconds between re-announcements of exposed services (default 300)",
+        "--connect-timeout": "seconds a local connection waits for a peer and a path before it is"
+        " closed (default 30)",
     }
     for flag in FLAGS:
         parser.add_argument(
@@ -203,6 +208,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         log_level=log_level,
         mdns=mdns,
         republish_interval=parsed["republish_interval"][0] if parsed["republish_interval"] else 300.0,
+        connect_timeout=parsed["connect_timeout"][0] if parsed["connect_timeout"] else 30.0,
     )
     _check_unique(config)
     return config

@@ -68,10 +68,10 @@ async def start_node(nursery: trio.Nursery, **config: object) -> Node:
 
 def address_of(node: Node, transport: str = "tcp") -> multiaddr.Multiaddr:
     """The node's listen address for ``transport``, with /p2p/<id>."""
-    for addr in node.host.get_addrs():
+    for addr in node.host.get_transport_addrs():
         if transport_of(addr) == transport:
-            return addr
-    raise AssertionError(f"node has no {transport} address: {node.host.get_addrs()}")
+            return addr.encapsulate(multiaddr.Multiaddr(f"/p2p/{node.peer_id}"))
+    raise AssertionError(f"node has no {transport} address: {node.host.get_transport_addrs()}")
 
 
 async def exchange(port: int, payload: bytes, chunk: int = 256 * 1024) -> bytes:

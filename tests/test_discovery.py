@@ -56,22 +56,55 @@ async def test_tunnel_by_name_through_the_dht():
             nursery.cancel_scope.cancel()
 
 
-async def test_unknown_name_closes_the_client_and_is_looked_up_again_later():
+async def test_a_connection_made_before_any_provider_waits_for_one():
+    """The client's user connects before the provider has started (as at boot): the
+    connection is held, the name looked up again, and the bytes go through once a
+    provider appears."""
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             boot = await start_node(nursery)
             port = free_port()
-            client = await start_node(
+            await start_node(
                 nursery, bootstrap=(address_of(boot),), tunnels_by_name=(TunnelByNameSpec("late", HostPort("127.0.0.1", port)),)
             )
-            assert await exchange(port, b"anyone?") == b""  # nobody provides it: closed
-            late = await provider(nursery, boot, name="late")
-            await published(boot, late, "late")
-            # The node did not give up on the name: a later connection finds the provider.
+            payload = os.urandom(256 * 1024)
+            result: list[bytes] = []
+            connected = trio.Event()
+
+            async def early_client() -> None:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                connected.set()
+                async with stream:
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+                    received = bytearray()
+                    while data := await stream.receive_some(65536):
+                        received += data
+                result.append(bytes(received))
+
+            nursery.start_soon(early_client)
+            await connected.wait()
+            await provider(nursery, boot, name="late")
             with trio.fail_after(30):
-                while (reply := await exchange(port, b"now?")) != b"now?":
-                    assert reply == b""
-                    await trio.sleep(0.5)
+                while not result:
+                    await trio.sleep(0.05)
+            assert sha256(result[0]) == sha256(payload)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_name_nobody_provides_closes_the_connection_after_the_connect_timeout():
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            boot = await start_node(nursery)
+            port = free_port()
+            await start_node(
+                nursery, bootstrap=(address_of(boot),), connect_timeout=2.0,
+                tunnels_by_name=(TunnelByNameSpec("nobody", HostPort("127.0.0.1", port)),),
+            )
+            started = trio.current_time()
+            assert await exchange(port, b"anyone?") == b""  # nobody provides it: closed
+            took = trio.current_time() - started
+            assert 2.0 <= took < 6.0, took
             nursery.cancel_scope.cancel()
 
 
@@ -79,16 +112,20 @@ async def test_two_providers_share_connections_and_a_stopped_one_is_skipped():
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             boot = await start_node(nursery)
-            scopes, providers = [], []
+            scopes, providers, stopped = [], [], []
             for _ in range(2):
                 scope = trio.CancelScope()
                 scopes.append(scope)
+                stopped.append(trio.Event())
 
-                async def run_provider(task_status=trio.TASK_STATUS_IGNORED, scope=scope):
-                    with scope:
-                        async with trio.open_nursery() as inner:
-                            task_status.started(await provider(inner, boot))
-                            await trio.sleep_forever()
+                async def run_provider(task_status=trio.TASK_STATUS_IGNORED, scope=scope, stopped=stopped[-1]):
+                    try:
+                        with scope:
+                            async with trio.open_nursery() as inner:
+                                task_status.started(await provider(inner, boot))
+                                await trio.sleep_forever()
+                    finally:
+                        stopped.set()
 
                 providers.append(await nursery.start(run_provider))
             for p in providers:
@@ -104,7 +141,7 @@ async def test_two_providers_share_connections_and_a_stopped_one_is_skipped():
             assert counts == [2, 2], counts
             # Stop one provider: every new connection still works, through the other.
             scopes[0].cancel()
-            await wait_until(lambda: not client.host.get_network().get_connections(providers[0].peer_id), 10, "gone")
+            await stopped[0].wait()
             before = providers[1].service.accepted
             for i in range(4):
                 assert await exchange(port, b"after %d" % i) == b"after %d" % i

@@ -13,7 +13,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from conftest import address_of, start_node
 from punchgate.libp2p_fixes import host_addrs
 from punchgate.libp2p_fixes.kad_dht import ServerOnlyKadDHT
-from punchgate.runtime.reachability import check_reachability
+from punchgate.runtime.reachability import check
 from punchgate.state import NatStatus
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -73,9 +73,10 @@ async def test_dial_back_on_loopback_says_public():
             helper = await start_node(nursery)
             asker = await start_node(nursery)
             await asker.host.connect(info_from_p2p_addr(address_of(helper)))
-            status, answer = await check_reachability(asker.host, helper.peer_id)
-            assert status is NatStatus.PUBLIC, answer
+            verdict = await check(asker.host, helper.peer_id)
+            answer = verdict.details
+            assert verdict.status is NatStatus.PUBLIC and verdict.method == "dialback", verdict
             assert answer["observed"].startswith("127.0.0.1:")
-            assert answer["port_preserving"] is True  # no NAT between: the helper sees our own port
+            assert verdict.port_preserving is True  # no NAT between: the helper sees our own port
             assert answer["observed"] == answer["local"]
             nursery.cancel_scope.cancel()

@@ -36,11 +36,10 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.libp2p_fixes.relay_hop import RelayHop
-from punchgate.runtime.addresses import AddressBook
 from punchgate.runtime.host import build_host
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.relay import RELAY_LIMITS, Relays
-from punchgate.state import events as ev
+from punchgate.state import Limit
 
 MiB = 1 << 20
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -108,7 +107,7 @@ class Mesh:
         await nursery.start(service)
 
     async def relays_on(self, host) -> Relays:
-        relays = Relays(host, AddressBook(), lambda event: None)
+        relays = Relays(host)
         await self.start(relays.run)
         with trio.fail_after(SETUP_TIMEOUT):
             await host.connect(PeerInfo(self.r.get_id(), self.r.get_addrs()))
@@ -155,13 +154,12 @@ async def mesh(relay_class: type, limits: RelayLimits = RELAY_LIMITS, *, raw_b: 
             await m.relay.event_started.wait()
 
         m.b = await m.host()
-        posted: list = []
-        m.b_relays = Relays(m.b, AddressBook(), posted.append)
+        m.b_relays = Relays(m.b)
         await m.start(m.b_relays.run)
         with trio.fail_after(SETUP_TIMEOUT):
             await m.b.connect(PeerInfo(m.r.get_id(), m.r.get_addrs()))
-            await m.b_relays.reserve(m.r.get_id())
-        assert any(isinstance(e, ev.RelayReserved) for e in posted), posted
+            expires_in, limit = await m.b_relays.reserve(m.r.get_id())
+        assert expires_in > 60 and limit == Limit(limits.duration, limits.data), (expires_in, limit)
         if raw_b:
             send, m.b_circuits = trio.open_memory_channel(16)
 
@@ -206,11 +204,11 @@ async def two_circuits_scenario(relay_class: type, end_first: str, total: int = 
         c1, c1_relays = await m.dialer()
         _, c2_relays = await m.dialer()
         with trio.fail_after(SETUP_TIMEOUT):
-            conn1 = await c1_relays.dial_through(m.r.get_id(), m.b.get_id())
+            conn1 = (await c1_relays.dial_through(m.r.get_id(), [], m.b.get_id()))[0]
             stream1, _ = await open_stream_on(conn1, ECHO)
             await stream1.write(b"ping")
             assert await stream1.read(4) == b"ping"  # circuit 1 carries data
-            conn2 = await c2_relays.dial_through(m.r.get_id(), m.b.get_id())
+            conn2 = (await c2_relays.dial_through(m.r.get_id(), [], m.b.get_id()))[0]
             stream2, _ = await open_stream_on(conn2, ECHO)
         assert len(m.circuits_ended) == 0
 

@@ -8,7 +8,12 @@ seconds dialing it. :class:`AddressBook` is installed as the host's ``addrs_fact
 * loopback and link-local addresses are dropped, unless every listen address is
   loopback (a node told to listen on 127.0.0.1 is meant for this machine only);
 * relay circuit addresses (``<relay>/p2p-circuit``) are added while we hold a
-  reservation, so a node behind NAT can be reached through its relay.
+  reservation, so a node behind NAT can be reached through its relay;
+* our own addresses are left out altogether while the state machine says they are not
+  worth telling (``Advertise(direct=False)``: a node that joined through bootstrap peers
+  and is not known to be reachable), except on a node that listens only on loopback
+  (it is for this machine, where they always work). Peers on the same LAN still find
+  them by mDNS, which announces the listen addresses themselves.
 """
 
 from __future__ import annotations
@@ -86,7 +91,15 @@ class AddressBook:
 
     def __init__(self, ips: InterfaceIps = interface_ips) -> None:
         self._ips = ips
+        self.direct = True
         self.relay_addrs: list[multiaddr.Multiaddr] = []
 
     def __call__(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        return advertised(candidates, self._ips(), self.relay_addrs)
+        # A node that listens only on loopback is for this machine, where its addresses always work.
+        show = self.direct or _loopback_only(candidates)
+        return advertised(candidates if show else [], self._ips(), self.relay_addrs)
+
+
+def _loopback_only(candidates: list[multiaddr.Multiaddr]) -> bool:
+    located = [_ip_of(addr) for addr in candidates]
+    return bool(located) and all(found is not None and ipaddress.ip_address(found[1]).is_loopback for found in located)

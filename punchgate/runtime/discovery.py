@@ -1,9 +1,16 @@
-"""Finding services by name: a Kademlia DHT on every node, plus mDNS on the LAN.
+"""Finding services and peers: a Kademlia DHT on every node, plus mDNS on the LAN.
 
 Each exposed service NAME is announced as a DHT provider record under the key
 ``/punchgate/svc/NAME`` (the raw bytes of that string, as the Rust original's
-``RecordKey::new`` does). Provider records carry the addresses our ``AddressBook``
-advertises, so they never hold wildcard or (for a networked node) loopback addresses.
+``RecordKey::new`` does). A node that exposes services also announces itself under
+``/punchgate/peer/<its peer ID>``, so that a client given only a peer ID
+(``--tunnel PEER:SERVICE``) can learn how to reach it from any DHT, even one whose
+servers do not keep client-mode peers in their routing tables. Records carry the
+addresses our ``AddressBook`` advertises: a circuit address for a node behind NAT,
+never a wildcard or (for a networked node) a loopback one.
+
+Look-ups always ask the network (``ServerOnlyKadDHT.find_providers_fresh``): the
+library's own answer comes from a local cache that outlives the records it copied.
 
 mDNS (``runtime/mdns.py``) finds peers on the same network; each peer found is
 connected to and added to the DHT's routing table, so names resolve on a LAN with no
@@ -21,9 +28,8 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.libp2p_fixes.kad_dht import ServerOnlyKadDHT
 from punchgate.logs import get_logger
-from punchgate.runtime.host import PEERSTORE_TTL
 
-LOOKUP_TIMEOUT = 15.0
+LOOKUP_TIMEOUT = 10.0
 PUBLISH_TIMEOUT = 30.0
 IDENTIFY_WAIT = 5.0  # how long join() waits for identify to tell whether a peer serves the DHT
 
@@ -34,8 +40,12 @@ def service_key(name: str) -> str:
     return f"/punchgate/svc/{name}"
 
 
+def peer_key(peer_id: ID | str) -> str:
+    return f"/punchgate/peer/{peer_id}"
+
+
 class Discovery:
-    """Owns the node's KadDHT; publishes and looks up service names."""
+    """Owns the node's KadDHT; publishes and looks up service names and peers."""
 
     def __init__(self, host: IHost) -> None:
         self.host = host
@@ -62,21 +72,28 @@ class Discovery:
             await self.dht.refresh_routing_table()
         return self.dht.get_routing_table_size()
 
-    async def publish(self, name: str) -> bool:
+    async def publish(self, key: str) -> bool:
         with trio.move_on_after(PUBLISH_TIMEOUT):
-            return bool(await self.dht.provide(service_key(name)))
+            return bool(await self.dht.provide(key))
         return False
 
-    async def find(self, name: str) -> list[PeerInfo]:
-        """Providers of ``name`` other than us, each once; their addresses go to the peerstore."""
-        providers: list[PeerInfo] = []
+    async def providers(self, key: str) -> list[PeerInfo]:
+        """Who provides ``key`` now, other than us, each once (asking the network)."""
+        found: list[PeerInfo] = []
         with trio.move_on_after(LOOKUP_TIMEOUT):
-            providers = await self.dht.find_providers(service_key(name))
+            found = await self.dht.find_providers_fresh(key)
         unique: dict[ID, PeerInfo] = {}
-        for info in providers:
-            if info.peer_id == self.host.get_id():
-                continue
-            if info.addrs:
-                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEERSTORE_TTL)
-            unique.setdefault(info.peer_id, info)
+        for info in found:
+            if info.peer_id != self.host.get_id():
+                unique.setdefault(info.peer_id, info)
         return list(unique.values())
+
+    async def find(self, name: str) -> list[PeerInfo]:
+        return await self.providers(service_key(name))
+
+    async def peer_addrs(self, peer_id: ID) -> list[str]:
+        """``peer_id``'s addresses as it last announced them (its record under ``peer_key``)."""
+        for info in await self.providers(peer_key(peer_id)):
+            if info.peer_id == peer_id:
+                return [str(a) for a in info.addrs]
+        return []

@@ -8,8 +8,14 @@ Decisions:
 * **Tunnel streams ride TCP connections** (direct, or relayed over TCP). py-libp2p
   0.8.1's QUIC drops data past its 2 MiB receive buffer and kills streams idle for
   30 s, so QUIC stays available for what is safe (identify, ping, discovery) while
-  tunnels open their streams with ``runtime/multistream.open_stream_on`` on a connection chosen by
-  ``runtime/paths.py``, never on one the swarm picks.
+  tunnels open their streams with ``runtime/multistream.open_stream_on`` on the
+  connection the state machine chose, never on one the swarm picks.
+* **Our dials are single attempts.** The swarm retries a failed dial three times on its
+  own and, once every address of a peer failed, refuses to dial it again for 60 s (a
+  negative cache). When to try again is the state machine's decision, so the swarm's
+  retries are turned off and :func:`dial_direct` dials addresses with ``dial_addr``,
+  which the negative cache does not block: a restarted bootstrap node is reached again
+  as soon as it listens.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from libp2p.abc import IHost, INetConn
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -73,7 +80,7 @@ def build_host(
     libp2p_fixes.install()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     wants_quic = any(transport_of(a) == "quic" for a in listen_addrs)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         listen_addrs=list(listen_addrs),
         sec_opt={NOISE_PROTOCOL_ID: noise},
@@ -81,6 +88,8 @@ def build_host(
         negotiate_timeout=NEGOTIATE_TIMEOUT,
         addrs_factory=address_book if address_book is not None else AddressBook(),
     )
+    host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
+    return host
 
 
 def connection_transport(conn: INetConn) -> str:
@@ -92,25 +101,39 @@ def connection_transport(conn: INetConn) -> str:
     return "tcp"
 
 
-def live_connection(host: IHost, peer_id: ID, kind: str) -> INetConn | None:
+def relay_of(conn: INetConn) -> str | None:
+    """The relay's peer ID for a relayed connection (from ``/p2p/R/p2p-circuit/...``)."""
+    for addr in conn.get_transport_addresses():
+        text = str(addr)
+        if "/p2p-circuit" in text:
+            parts = text.split("/p2p-circuit", 1)[0].split("/")
+            if len(parts) >= 2 and parts[-2] == "p2p":
+                return parts[-1]
+    return None
+
+
+def live_connection(host: IHost, peer_id: ID, kind: str, relay: str | None = None) -> INetConn | None:
+    """A live connection to ``peer_id`` of ``kind`` ('tcp', 'quic', 'relay'; through ``relay``)."""
     for conn in host.get_network().get_connections(peer_id):
-        if not conn.is_closed and connection_transport(conn) == kind:
+        if conn.is_closed or connection_transport(conn) != kind:
+            continue
+        if relay is None or relay_of(conn) == relay:
             return conn
     return None
 
 
-async def dial_tcp(host: IHost, peer_id: ID, timeout: float = DIAL_TIMEOUT) -> INetConn:
-    """A new direct TCP connection to one of ``peer_id``'s known TCP addresses."""
-    addrs = [a for a in host.get_peerstore().addrs(peer_id) if transport_of(a) == "tcp"]
+async def dial_direct(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr]) -> INetConn:
+    """A new direct connection to ``peer_id`` at the first of ``addrs`` that answers.
+
+    Each address is tried once, in turn; callers bound the whole with their own
+    deadline. Raises :class:`NoRouteError` with every address's error."""
     if not addrs:
-        raise NoRouteError(f"no TCP address known for peer {peer_id}")
+        raise NoRouteError(f"no address known for peer {peer_id}")
     errors = []
     for addr in addrs:
-        with trio.move_on_after(timeout) as scope:
-            try:
-                return await host.get_network().dial_addr(addr, peer_id)
-            except Exception as exc:  # the swarm raises several types for a failed dial
-                errors.append(f"{addr}: {exc}")
-        if scope.cancelled_caught:
-            errors.append(f"{addr}: timed out after {timeout:.0f}s")
-    raise NoRouteError(f"cannot reach peer {peer_id} directly: {'; '.join(errors)}")
+        try:
+            return await host.get_network().dial_addr(addr, peer_id)
+        except Exception as exc:  # the swarm raises several types for a failed dial
+            cause = exc.__cause__ or exc.__context__
+            errors.append(f"{addr}: {exc}" + (f" ({cause})" if cause and str(cause) not in str(exc) else ""))
+    raise NoRouteError("; ".join(errors))

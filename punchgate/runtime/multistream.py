@@ -1,7 +1,7 @@
 """Opening a tunnel stream on a chosen connection, negotiated in one round trip.
 
 The swarm's ``new_stream`` picks a connection itself; a tunnel must use the one
-:class:`punchgate.runtime.paths.Paths` chose (direct or relayed), so we open the
+the state machine chose (direct or relayed), so we open the
 stream on it and speak multistream-select ourselves, pipelined: the header, the
 protocol id and the protocol's first message leave in one write.
 """

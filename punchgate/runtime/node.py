@@ -1,23 +1,32 @@
 """The node's event loop: translate -> transition -> execute.
 
 Everything that happens (a listener coming up, a dial's result, a connection opening,
-a signal) is posted as an event to one channel. The loop takes each event, runs the
-pure transition and executes the commands it returns. Commands that take time (dials)
-run as tasks in the node's nursery and report back with new events; shutdown commands
-run in order, inline.
+a signal, a local client connecting) is posted as an event to one channel. The loop
+takes each event, runs the pure transition with the time on trio's clock, and executes
+the commands it returns; when no event comes before the machine's next wake-up time
+(:func:`punchgate.state.next_wakeup`), it posts a ``Tick``. No decision is taken here:
+the runtime translates and executes.
+
+Work that takes time (dials, look-ups, punches, reservations, publications, opening a
+tunnel stream) runs as a task per command, under its own cancel scope filed by the
+command's attempt ID, and reports back with an event carrying that ID; ``Cancel``
+cancels it when the machine gave up on it. Every task catches its own failures and
+reports them as events: a task never takes the node down.
 
 Ownership: :meth:`Node.run` owns the host (``host.run``) and one nursery holding every
-task the node starts: the signal watcher, pinger, dials, tunnel listeners and their
-connection handlers. When the loop ends it cancels that nursery, then the host closes.
-Streams the library hands to our protocol handler run in the library's tasks; each
-registers with the :class:`SessionRegistry` so shutdown can reach it.
+task the node starts: the signal watcher, pinger, work tasks, tunnel listeners and
+their connection handlers. When the loop ends it cancels that nursery, then the host
+closes. Streams the library hands to our protocol handlers run in the library's tasks;
+each registers with the :class:`SessionRegistry` so shutdown can reach it.
 """
 
 from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, assert_never
 
 import multiaddr
 import trio
@@ -29,32 +38,40 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from punchgate.config import Config
 from punchgate.logs import get_logger
+from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.discovery import Discovery, peer_key, service_key
+from punchgate.runtime.handshake import read_message
+from punchgate.runtime.holepunch import HolePuncher
 from punchgate.runtime.host import (
-    DIAL_TIMEOUT,
-    PEERSTORE_TTL,
+    NoRouteError,
     build_host,
     check_ports_free,
     connection_transport,
+    dial_direct,
+    live_connection,
+    relay_of,
 )
-from punchgate.runtime.pinger import Pinger
-from punchgate.runtime.addresses import AddressBook
-from punchgate.runtime.discovery import Discovery, service_key
 from punchgate.runtime.mdns import MdnsDiscovery
-from punchgate.runtime.holepunch import HolePuncher
-from punchgate.runtime.paths import Paths
-from punchgate.runtime.providers import FixedPeer, ProviderPool
+from punchgate.runtime.multistream import open_stream_on
+from punchgate.runtime.pinger import Pinger
 from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
-from punchgate.runtime.reachability import DialbackServer, check_reachability
+from punchgate.runtime.reachability import DialbackServer, check
 from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
-from punchgate.runtime.tunnel_client import TunnelClient
+from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
-from punchgate.state import NatStatus, NodeState, Phase, transition
+from punchgate.specs import transport_of
+from punchgate.state import NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
-from punchgate.wire import PROTOCOL_ID
+from punchgate.state.model import NatStatus
+from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
 
 log = get_logger("punchgate.node")
+
+PEERSTORE_TTL = 365 * 24 * 3600  # addresses given by the user do not expire
+LEARNT_TTL = 600  # addresses learnt from records and identify are hints
+CLOSE_TIMEOUT = 3.0  # closing our connections at shutdown
 
 
 class Node:
@@ -64,31 +81,33 @@ class Node:
         self.host: IHost = build_host(key_pair, config.listen, self.address_book)
         self.peer_id = self.host.get_id()
         self.registry = SessionRegistry()
+        self.sessions = SessionTable()
         self.bootstrap_addrs = _group_by_peer(config.bootstrap)
         self.state = NodeState.initial(
-            tuple(self.bootstrap_addrs), tuple(s.name for s in config.expose), config.shutdown_grace
+            tuple(self.bootstrap_addrs),
+            tuple(s.name for s in config.expose),
+            shutdown_grace=config.shutdown_grace,
+            republish_interval=config.republish_interval,
+            connect_timeout=config.connect_timeout,
         )
         self._events_in, self._events_out = trio.open_memory_channel[ev.Event](math.inf)
         self._nursery: trio.Nursery | None = None
-        self._dialing: set[str] = set()
+        self._work: dict[int, trio.CancelScope] = {}  # attempt ID -> the scope of its task
+        self._opened: dict[int, Opened] = {}  # accepted tunnel streams not yet handed over
         self._stopped = False
         self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
         self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
         self.discovery = Discovery(self.host)
-        self.providers = ProviderPool(self._lookup_providers)
-        self.relays = Relays(self.host, self.address_book, self.post)
+        self.relays = Relays(self.host)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
-        self.paths = Paths(self.host, self.relays, self.puncher, self._connected_bootstrap_peers)
         self.clients = [
-            TunnelClient(self.paths, t.service, t.bind, FixedPeer(t.peer_id), self.registry, self.post)
-            for t in config.tunnels
+            TunnelClient(t.service, t.bind, t.peer_id, self.sessions, self.registry, self.post) for t in config.tunnels
         ] + [
-            TunnelClient(self.paths, t.service, t.bind, self.providers, self.registry, self.post)
+            TunnelClient(t.service, t.bind, None, self.sessions, self.registry, self.post)
             for t in config.tunnels_by_name
         ]
-        self._publishing = False
-        self._publish_again = False
+        self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
 
     def post(self, event: ev.Event) -> None:
@@ -102,8 +121,9 @@ class Node:
         check_ports_free(self.config.listen)
         for client in self.clients:
             await client.open_listeners()
+        peerstore = self.host.get_peerstore()
         for peer_id, addrs in self.bootstrap_addrs.items():
-            self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), addrs, PEERSTORE_TTL)
+            peerstore.add_addrs(ID.from_base58(peer_id), addrs, PEERSTORE_TTL)
         try:
             async with self.host.run(listen_addrs=list(self.config.listen)), trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -117,68 +137,146 @@ class Node:
                     nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
                 await nursery.start(self._watch_signals)  # before anyone can see us ready
                 nursery.start_soon(Pinger(self.host).run)
-                nursery.start_soon(self._republish_timer)
-                addresses = tuple(str(a) for a in self.host.get_addrs())
+                me = multiaddr.Multiaddr(f"/p2p/{self.peer_id}")
+                addresses = tuple(str(a.encapsulate(me)) for a in self.host.get_transport_addrs())
                 for address in addresses:
                     log.info("listening on", address=address)
                 self.post(ev.ListenersReady(addresses))
                 task_status.started(self)
-                async for event in self._events_out:
-                    await self._step(event)
-                    if self._stopped:
-                        break
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    await self._close_connections()
         finally:
+            self._events_in.close()
             for client in self.clients:
                 for listener in client.listeners:
                     await listener.aclose()
         log.info("stopped", peer_id=str(self.peer_id))
 
-    async def _step(self, event: ev.Event) -> None:
+    async def _close_connections(self) -> None:
+        """Close every connection before the host stops, even when we are being cancelled.
+
+        py-libp2p's swarm closes its connections when its service stops, but without a
+        shield: stopped by cancellation (our parent's scope, a test's), the first close
+        is cancelled and the sockets stay open until garbage collection, so peers keep a
+        connection (and every relayed connection through it) to a node that is gone."""
+        network = self.host.get_network()
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            for conns in list(network.get_connections_map().values()):
+                for conn in list(conns):
+                    try:
+                        await conn.close()
+                    except Exception:  # already closing or broken: it is gone either way
+                        pass
+
+    async def _loop(self) -> None:
+        while not self._stopped:
+            wake = next_wakeup(self.state, trio.current_time())
+            event: ev.Event = ev.Tick()
+            with trio.move_on_at(math.inf if wake is None else wake):
+                event = await self._events_out.receive()
+            self._step(event)
+
+    def _step(self, event: ev.Event) -> None:
         old = self.state
-        self.state, commands = transition(old, event)
+        self.state, commands = transition(old, event, trio.current_time())
         if old.phase is not self.state.phase:
             log.info("phase transition", from_phase=old.phase.value, to_phase=self.state.phase.value)
             if self.state.phase is Phase.READY:
                 self.ready.set()
-        log.debug("state event", event_type=type(event).__name__, commands=[type(c).__name__ for c in commands])
+        if old.nat.status is not self.state.nat.status:
+            log.info("nat status", status=self.state.nat.status.value, learnt_by=self.state.nat.learnt_by)
         for command in commands:
-            await self._execute(command)
+            self._execute(command)
 
-    async def _execute(self, command: cmd.Command) -> None:
+    # --- executing commands -------------------------------------------------------------
+
+    def _spawn(self, attempt: int, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``work`` as the task of ``attempt``, cancellable by ``Cancel(attempt)``."""
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._work[attempt] = scope
+
+        async def task() -> None:
+            try:
+                with scope:
+                    await work(*args)
+            except Exception as exc:  # a bug in our own code: say so, keep the node up
+                log.error("internal error", work=getattr(work, "__name__", str(work)), error=repr(exc))
+            finally:
+                self._work.pop(attempt, None)
+
+        self._nursery.start_soon(task)
+
+    def _execute(self, command: cmd.Command) -> None:
         assert self._nursery is not None
         match command:
-            case cmd.DialBootstrap(peer_id=peer_id, delay=delay):
-                if peer_id not in self._dialing:
-                    self._dialing.add(peer_id)
-                    self._nursery.start_soon(self._dial_bootstrap, peer_id, delay)
-            case cmd.StartTunnelListeners():
-                self._nursery.start_soon(self._serve_tunnels, self._nursery)
+            case cmd.DialBootstrap(peer_id=peer_id, attempt=attempt):
+                self._spawn(attempt, self._dial_bootstrap, peer_id, attempt)
             case cmd.JoinDht(peer_id=peer_id):
                 self._nursery.start_soon(self._join_dht, peer_id)
-            case cmd.PublishServices(names=names):
-                if self._publishing:
-                    self._publish_again = True  # one run at a time; the latest request wins
-                else:
-                    self._publishing = True
-                    self._nursery.start_soon(self._publish, names)
-            case cmd.ReserveRelay(relay_peer_id=relay, delay=delay):
-                self._nursery.start_soon(self._after, delay, self.relays.reserve, ID.from_base58(relay))
-            case cmd.DropRelay(relay_peer_id=relay):
-                self.relays.forget(ID.from_base58(relay))
-                self.post(ev.AddressesChanged(tuple(str(a) for a in self.host.get_addrs())))
-            case cmd.CheckReachability(peer_id=peer_id, delay=delay):
-                self._nursery.start_soon(self._after, delay, self._check_reachability, peer_id)
+            case cmd.CheckReachability(peer_id=peer_id, attempt=attempt):
+                self._spawn(attempt, self._check_reachability, peer_id, attempt)
             case cmd.SetDhtMode(server=server):
                 self._nursery.start_soon(self.discovery.set_mode, server)
+            case cmd.ReserveRelay(relay_peer_id=relay, attempt=attempt):
+                self._spawn(attempt, self._reserve, relay, attempt)
+            case cmd.Advertise(direct=direct, relay=relay):
+                self.address_book.direct = direct
+                self.address_book.relay_addrs = self.relays.circuit_addrs(ID.from_base58(relay)) if relay else []
+                log.info("advertising", addresses=[str(a) for a in self.host.get_addrs()])
+            case cmd.PublishServices(names=names, attempt=attempt):
+                self._spawn(attempt, self._publish, names, attempt)
+            case cmd.StartTunnelListeners():
+                self._nursery.start_soon(self._serve_tunnels, self._nursery)
             case cmd.StopTunnelListeners():
                 self._listener_scope.cancel()
-            case cmd.CloseTunnelSessions(grace=grace):
-                open_sessions = len(self.registry)
-                await self.registry.close_all(grace)
-                log.info("tunnels closed", sessions=open_sessions, left_open=len(self.registry))
+            case cmd.CloseTunnelSessions():
+                self._nursery.start_soon(self._close_sessions)
             case cmd.StopHost():
                 self._stopped = True
+            case cmd.LookupService(service=service, attempt=attempt):
+                self._spawn(attempt, self._lookup_service, service, attempt)
+            case cmd.LookupPeer(peer_id=peer_id, attempt=attempt):
+                self._spawn(attempt, self._lookup_peer, peer_id, attempt)
+            case cmd.DialDirect(peer_id=peer_id, attempt=attempt, addrs=addrs):
+                self._spawn(attempt, self._dial_direct, peer_id, attempt, addrs)
+            case cmd.DialRelayed(peer_id=peer_id, attempt=attempt, relay=relay, relay_addrs=relay_addrs):
+                self._spawn(attempt, self._dial_relayed, peer_id, attempt, relay, relay_addrs)
+            case cmd.HolePunch(peer_id=peer_id, attempt=attempt):
+                self._spawn(attempt, self._hole_punch, peer_id, attempt)
+            case cmd.OpenStream():
+                self._spawn(command.attempt, self._open_stream, command)
+            case cmd.StartPipe(session=session_id, attempt=attempt):
+                opened = self._opened.pop(attempt, None)
+                session = self.sessions.get(session_id)
+                if opened is not None and (session is None or not session.deliver(opened)):
+                    self._nursery.start_soon(_reset, opened.stream)
+            case cmd.DiscardStream(attempt=attempt):
+                opened = self._opened.pop(attempt, None)
+                if opened is not None:
+                    self._nursery.start_soon(_reset, opened.stream)
+            case cmd.CloseSession(session=session_id, event=event, reason=reason):
+                session = self.sessions.get(session_id)
+                if session is not None:
+                    session.refuse(event, reason)
+            case cmd.CloseConnection(peer_id=peer_id, relay=relay):
+                conn = live_connection(self.host, ID.from_base58(peer_id), "tcp" if relay is None else "relay", relay)
+                if conn is not None:
+                    log.warning("closing a stalled connection", peer=peer_id, relay=relay)
+                    self._nursery.start_soon(conn.close)
+            case cmd.Cancel(attempt=attempt):
+                scope = self._work.pop(attempt, None)
+                if scope is not None:
+                    scope.cancel()
+            case cmd.Note(event=event, fields=fields, level=level):
+                getattr(log, level)(event, **dict(fields))
+            case _:
+                assert_never(command)
+
+    # --- the work behind commands (each reports back with an event) ---------------------
 
     async def _serve_tunnels(self, handler_nursery: trio.Nursery) -> None:
         with self._listener_scope:
@@ -186,97 +284,202 @@ class Node:
                 for client in self.clients:
                     nursery.start_soon(client.serve, handler_nursery)
 
-    async def _dial_bootstrap(self, peer_id: str, delay: float) -> None:
-        try:
-            await trio.sleep(delay)
-            pid = ID.from_base58(peer_id)
-            with trio.fail_after(DIAL_TIMEOUT):
-                await self.host.connect(PeerInfo(pid, self.bootstrap_addrs[peer_id]))
-        except Exception as exc:  # dial errors come in many types; all mean "not reached"
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else f"{type(exc).__name__}: {exc}"
-            log.warning("bootstrap dial failed", peer=peer_id, reason=reason, retry_in_s=None)
-            self._dialing.discard(peer_id)
-            self.post(ev.BootstrapFailed(peer_id, reason))
-            return
-        self._dialing.discard(peer_id)
+    async def _close_sessions(self) -> None:
+        open_sessions = len(self.registry)
+        await self.registry.close_all(math.inf)
+        log.info("tunnels closed", sessions=open_sessions)
+        self.post(ev.SessionsDrained())
+
+    async def _dial_bootstrap(self, peer_id: str, attempt: int) -> None:
+        pid = ID.from_base58(peer_id)
+        if live_connection(self.host, pid, "tcp") is None:
+            try:
+                await dial_direct(self.host, pid, self.bootstrap_addrs[peer_id])
+            except Exception as exc:  # every dial error means "not reached"
+                reason = str(exc) if isinstance(exc, NoRouteError) else f"{type(exc).__name__}: {exc}"
+                log.warning("bootstrap dial failed", peer=peer_id, reason=reason)
+                self.post(ev.BootstrapFailed(peer_id, attempt, reason))
+                return
         log.info("bootstrap connected", peer=peer_id)
-        self.post(ev.BootstrapConnected(peer_id))
-
-    @staticmethod
-    async def _after(delay: float, function, *args) -> None:
-        await trio.sleep(delay)
-        await function(*args)
-
-    async def _check_reachability(self, peer_id: str) -> None:
-        started = trio.current_time()
-        try:
-            status, answer = await check_reachability(self.host, ID.from_base58(peer_id))
-        except Exception as exc:  # the helper vanished or answered nonsense
-            status, answer = NatStatus.UNKNOWN, {"error": f"{type(exc).__name__}: {exc}"}
-        log.info(
-            "reachability",
-            status=status.value,
-            checked_by=peer_id,
-            observed=answer.get("observed"),
-            local=answer.get("local"),
-            port_preserving=answer.get("port_preserving"),
-            error=answer.get("error"),
-            duration_ms=round((trio.current_time() - started) * 1000, 1),
-        )
-        if status is NatStatus.PRIVATE and answer.get("port_preserving") is False:
-            self.puncher.futile_because = (
-                f"our NAT maps ports at random (local {answer['local']} seen as {answer['observed']}):"
-                " a hole punch cannot work"
-            )
-        elif status is not NatStatus.UNKNOWN:
-            self.puncher.futile_because = None
-        self.post(ev.NatStatusObserved(status))
-
-    def _connected_bootstrap_peers(self) -> list[ID]:
-        return [ID.from_base58(b.peer_id) for b in self.state.bootstrap if b.connected]
+        self.post(ev.BootstrapConnected(peer_id, attempt))
 
     async def _join_dht(self, peer_id: str) -> None:
         pid = ID.from_base58(peer_id)
         try:
-            with trio.fail_after(DIAL_TIMEOUT):
+            with trio.fail_after(10):
                 if not self.host.get_network().get_connections(pid):
-                    await self.host.connect(PeerInfo(pid, self.host.get_peerstore().addrs(pid)))
-            size = await self.discovery.join(pid)
+                    await dial_direct(self.host, pid, self.host.get_peerstore().addrs(pid))
+                size = await self.discovery.join(pid)
         except Exception as exc:  # unreachable peer, DHT errors
             log.info("dht join failed", peer=peer_id, reason=f"{type(exc).__name__}: {exc}")
             return
         log.info("dht joined", peer=peer_id, routing_table_size=size)
+        self.post(ev.DhtJoined(peer_id))
 
-    async def _publish(self, names: tuple[str, ...]) -> None:
+    async def _check_reachability(self, peer_id: str, attempt: int) -> None:
+        started = trio.current_time()
         try:
-            while True:
-                self._publish_again = False
-                for name in names:
-                    started = trio.current_time()
-                    ok = await self.discovery.publish(name)
-                    log.info(
-                        "service published" if ok else "service publication failed",
-                        service=name,
-                        key=service_key(name),
-                        addresses=[str(a) for a in self.host.get_addrs()],
-                        duration_ms=round((trio.current_time() - started) * 1000, 1),
-                    )
-                if not self._publish_again:
-                    return
-        finally:
-            self._publishing = False
+            verdict = await check(self.host, ID.from_base58(peer_id))
+            status, method, details, keeps = verdict.status, verdict.method, verdict.details, verdict.port_preserving
+        except Exception as exc:  # the helper vanished or answered nonsense
+            status, method, details, keeps = NatStatus.UNKNOWN, "error", {"error": f"{type(exc).__name__}: {exc}"}, None
+        log.info(
+            "reachability",
+            status=status.value,
+            method=method,
+            checked_by=peer_id,
+            observed=details.get("observed") or details.get("dialed"),
+            local=details.get("local"),
+            port_preserving=keeps,
+            error=details.get("error") or details.get("text") or None,
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.ReachabilityChecked(peer_id, attempt, status, method, keeps, details.get("error")))
 
-    async def _republish_timer(self) -> None:
-        while True:
-            await trio.sleep(self.config.republish_interval)
-            self.post(ev.RepublishDue())
+    async def _reserve(self, relay: str, attempt: int) -> None:
+        started = trio.current_time()
+        renewal = self.state.relay.renewing
+        try:
+            expires_in, limit = await self.relays.reserve(ID.from_base58(relay))
+        except Exception as exc:  # stream, protocol or refusal
+            reason = str(exc) or type(exc).__name__
+            log.warning("relay reservation renewal failed" if renewal else "relay reservation failed", relay=relay, reason=reason)
+            self.post(ev.RelayReservationFailed(relay, attempt, reason))
+            return
+        log.info(
+            "relay reservation renewed" if renewal else "relay reservation accepted",
+            relay=relay,
+            expires_in_s=int(expires_in),
+            limit=limit.describe() if limit else None,
+            addresses=[str(a) for a in self.relays.circuit_addrs(ID.from_base58(relay))],
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.RelayReserved(relay, attempt, expires_in, limit))
 
-    async def _lookup_providers(self, service: str) -> list[ID]:
-        return [info.peer_id for info in await self.discovery.find(service)]
+    async def _publish(self, names: tuple[str, ...], attempt: int) -> None:
+        ok = True
+        addresses = [str(a) for a in self.host.get_addrs()]
+        for key in [*(service_key(n) for n in names), peer_key(self.peer_id)]:
+            started = trio.current_time()
+            published = await self.discovery.publish(key)
+            ok = ok and published
+            if key.startswith("/punchgate/svc/"):
+                log.info(
+                    "service published" if published else "service publication failed",
+                    service=key.removeprefix("/punchgate/svc/"),
+                    key=key,
+                    addresses=addresses,
+                    duration_ms=round((trio.current_time() - started) * 1000, 1),
+                )
+        self.post(ev.PublishDone(attempt, ok))
+
+    async def _lookup_service(self, service: str, attempt: int) -> None:
+        started = trio.current_time()
+        try:
+            found = await self.discovery.find(service)
+        except Exception as exc:  # DHT errors
+            self.post(ev.LookupFailed(service, attempt, f"{type(exc).__name__}: {exc}"))
+            return
+        records = tuple(ev.PeerRecord(str(info.peer_id), tuple(str(a) for a in info.addrs)) for info in found)
+        self._remember_addrs(found)
+        log.info(
+            "service resolved",
+            service=service,
+            providers=[r.peer_id for r in records],
+            addresses={r.peer_id: list(r.addrs) for r in records},
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.ProvidersFound(service, attempt, records))
+
+    async def _lookup_peer(self, peer_id: str, attempt: int) -> None:
+        pid = ID.from_base58(peer_id)
+        addrs: list[str] = []
+        try:
+            addrs = await self.discovery.peer_addrs(pid)
+        except Exception as exc:  # DHT errors: report what we have (nothing)
+            log.debug("peer look-up failed", peer=peer_id, reason=f"{type(exc).__name__}: {exc}")
+        log.info("peer looked up", peer=peer_id, addresses=addrs)
+        self.post(ev.PeerLookedUp(peer_id, attempt, tuple(addrs)))
+
+    async def _dial_direct(self, peer_id: str, attempt: int, addrs: tuple[str, ...]) -> None:
+        try:
+            await dial_direct(self.host, ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addrs])
+        except Exception as exc:  # dial errors of many types
+            self.post(ev.DialFailed(peer_id, attempt, str(exc) if isinstance(exc, NoRouteError) else f"{type(exc).__name__}: {exc}"))
+            return
+        self.post(ev.DialSucceeded(peer_id, attempt))
+
+    async def _dial_relayed(self, peer_id: str, attempt: int, relay: str, relay_addrs: tuple[str, ...]) -> None:
+        started = trio.current_time()
+        try:
+            _, limit = await self.relays.dial_through(
+                ID.from_base58(relay), [multiaddr.Multiaddr(a) for a in relay_addrs], ID.from_base58(peer_id)
+            )
+        except Exception as exc:  # relay unreachable, refused, no reservation, upgrade failure
+            self.post(ev.DialFailed(peer_id, attempt, str(exc) or type(exc).__name__))
+            return
+        log.info(
+            "relay connected",
+            peer=peer_id,
+            relay=relay,
+            limit=limit.describe() if limit else None,
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.DialSucceeded(peer_id, attempt, relay, limit))
+
+    async def _hole_punch(self, peer_id: str, attempt: int) -> None:
+        started = trio.current_time()
+        direct, reason = await self.puncher.punch(ID.from_base58(peer_id))
+        log.info(
+            "hole punch",
+            peer=peer_id,
+            outcome="direct" if direct else "failed",
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+            reason=reason,
+            fallback=None if direct else "relayed",
+        )
+        self.post(ev.PunchFinished(peer_id, attempt, direct, reason))
+
+    async def _open_stream(self, command: cmd.OpenStream) -> None:
+        session, attempt, peer = command.session, command.attempt, command.peer_id
+        pid = ID.from_base58(peer)
+        conn = live_connection(self.host, pid, "tcp") if command.relay is None else live_connection(
+            self.host, pid, "relay", command.relay
+        )
+        if conn is None:
+            self.post(ev.StreamFailed(session, attempt, "the connection closed"))
+            return
+        stream: INetStream | None = None
+        try:
+            # The request rides with the protocol negotiation: one round trip.
+            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service))
+            message, rest = await read_message(stream, already_read=early)
+            response = parse_response(message)
+        except Exception as exc:  # negotiation, stream and wire errors alike
+            if stream is not None:
+                await _reset(stream)
+            stalled = isinstance(exc, trio.TooSlowError) or "no multistream-select answer" in str(exc)
+            self.post(ev.StreamFailed(session, attempt, f"{type(exc).__name__}: {exc}", stalled))
+            return
+        if not response.accepted:
+            await _reset(stream)
+            log.info("provider refused", peer=peer, service=command.service, reason=response.reason)
+            self.post(ev.StreamRefused(session, attempt, response.reason or "refused"))
+            return
+        path = "direct" if command.relay is None else "relayed"
+        self._opened[attempt] = Opened(stream, rest, peer, path, command.relay)
+        self.post(ev.StreamAccepted(session, attempt))
+
+    def _remember_addrs(self, found: list[PeerInfo]) -> None:
+        """Addresses from records go to the peerstore too (identify, DCUtR read it), as hints."""
+        peerstore = self.host.get_peerstore()
+        for info in found:
+            if info.addrs:
+                peerstore.add_addrs(info.peer_id, info.addrs, LEARNT_TTL)
 
     def _on_mdns_peer(self, info: PeerInfo) -> None:
         log.info("peer discovered", peer=str(info.peer_id), source="mdns", addresses=[str(a) for a in info.addrs])
-        self.post(ev.PeerDiscovered(str(info.peer_id), "mdns"))
+        self.post(ev.PeerDiscovered(str(info.peer_id), "mdns", tuple(str(a) for a in info.addrs)))
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -290,6 +493,13 @@ class Node:
         self.post(ev.ShutdownRequested(reason))
 
 
+async def _reset(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
 def _group_by_peer(addrs: tuple[multiaddr.Multiaddr, ...]) -> dict[str, list[multiaddr.Multiaddr]]:
     """Bootstrap addresses by peer ID, each without its trailing /p2p part."""
     grouped: dict[str, list[multiaddr.Multiaddr]] = {}
@@ -300,22 +510,28 @@ def _group_by_peer(addrs: tuple[multiaddr.Multiaddr, ...]) -> dict[str, list[mul
 
 
 class _ConnectionEvents(INotifee):
-    """Turns the swarm's connection notifications into log lines and events."""
+    """Turns the swarm's connection notifications into log lines and events.
+
+    ``connected`` is called (and posts) before the dial that made the connection
+    returns, so the machine always hears of a connection before its dial's result."""
 
     def __init__(self, post: Callable[[ev.Event], None]) -> None:
         self.post = post
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id
+        transport = connection_transport(conn)
+        relay = relay_of(conn) if transport == "relay" else None
+        self.post(ev.ConnectionOpened(str(peer), transport, relay))
         addrs = [str(a) for a in conn.get_transport_addresses()]
-        log.info("connection opened", peer=str(peer), transport=connection_transport(conn), addresses=addrs)
-        self.post(ev.PeerConnected(str(peer)))
+        log.info("connection opened", peer=str(peer), transport=transport, addresses=addrs)
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id
-        log.info("connection closed", peer=str(peer), transport=connection_transport(conn))
-        if not network.get_connections(peer):
-            self.post(ev.PeerDisconnected(str(peer)))
+        transport = connection_transport(conn)
+        relay = relay_of(conn) if transport == "relay" else None
+        self.post(ev.ConnectionClosed(str(peer), transport, relay))
+        log.info("connection closed", peer=str(peer), transport=transport)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass

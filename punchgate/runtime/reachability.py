@@ -1,37 +1,45 @@
-"""Is this node reachable from outside? A dial-back on a fresh connection says.
+"""Is this node reachable from outside? Another peer dials us back on a fresh connection.
 
-py-libp2p's AutoNAT answers PUBLIC for anything: its dial-back goes through
-``host.connect()``, which returns the connection that already exists. Ours,
-``/punchgate/dialback/1.0.0``:
+Two protocols, asked in this order of a connected bootstrap peer:
 
-1. the client sends the TCP ports it listens on (framed like the tunnel protocol);
-2. the server takes the client's IP from its own side of the connection (never a
-   claimed one) and dials ``/ip4/<ip>/tcp/<port>`` with ``swarm.dial_addr``, which
-   always opens a new connection, authenticated by Noise as the same peer;
-3. it answers ``{"reachable": bool, "observed": "ip:port"}`` and closes only the new
-   connection.
+* ``/punchgate/dialback/1.0.0``, ours: the client sends the TCP ports it listens on; the
+  server dials ``/ip4/<the IP it sees>/tcp/<port>`` with ``swarm.dial_addr`` (always a
+  new connection, authenticated by Noise as the same peer), and answers
+  ``{"reachable": bool, "observed": "ip:port"}``. The answer also tells whether our NAT
+  keeps our port (the observed port equals our end of the connection): DCUtR predicts
+  our port as our listen port, so with a NAT that maps ports at random a hole punch
+  cannot work and is not tried.
+* AutoNAT v1 (``/libp2p/autonat/1.0.0``), the standard that go-, rust- and js-libp2p
+  nodes speak. We serve it too, with the library's service fixed to dial back on a new
+  connection (``libp2p_fixes/autonat.py``).
 
-Behind a NAT with a stateful firewall the dial-back is dropped, so the answer is
-"not reachable" after :data:`DIALBACK_TIMEOUT`. The answer also carries the address
-the helper sees; comparing its port with our end of the connection tells whether our
-NAT keeps ports (a hole punch needs that) or maps them at random (symmetric NAT). Servers refuse requests over relayed
-connections and answer each peer at most once per :data:`MIN_INTERVAL`.
+A peer that speaks neither answers ``na``: the check ends at once with method "none",
+and the state machine does not ask that peer again. Behind a NAT with a stateful
+firewall a dial-back is dropped, so the answer is "not reachable" after the server's
+dial timeout. Servers refuse requests over relayed connections and answer each peer at
+most once per :data:`MIN_INTERVAL`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import time
+from dataclasses import dataclass, field
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.connection_types import ConnectionType
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
+from libp2p.host.autonat.pb.autonat_pb2 import Message as AutonatMessage
 from libp2p.peer.id import ID
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from punchgate.libp2p_fixes.autonat import FreshDialAutoNAT
 from punchgate.logs import get_logger
+from punchgate.runtime.addresses import interface_ips
 from punchgate.runtime.handshake import read_message
+from punchgate.runtime.multistream import open_stream_on
 from punchgate.specs import transport_of
 from punchgate.state.model import NatStatus
 from punchgate.wire import WireError, encode
@@ -41,16 +49,27 @@ DIALBACK_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 15.0
 MIN_INTERVAL = 10.0
 MAX_PORTS = 4
+AUTONAT_TIMEOUT = 20.0
+MAX_AUTONAT_MESSAGE = 8 * 1024
 
 log = get_logger("punchgate.reachability")
 
 
+@dataclass
+class Verdict:
+    status: NatStatus
+    method: str  # "dialback", "autonat", or "none" (the peer speaks neither)
+    port_preserving: bool | None = None
+    details: dict = field(default_factory=dict)
+
+
 class DialbackServer:
-    """Answers dial-back requests from connected peers."""
+    """Answers dial-back requests from connected peers; also serves AutoNAT v1."""
 
     def __init__(self, host: IHost) -> None:
         self.host = host
         self._last_answered: dict[ID, float] = {}
+        self.autonat = FreshDialAutoNAT(host, serve=True)  # type: ignore[arg-type]
 
     async def handle_stream(self, stream: INetStream) -> None:
         try:
@@ -67,10 +86,13 @@ class DialbackServer:
         peer = stream.muxed_conn.peer_id
         if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
             return {"error": "dial-back is not offered over relayed connections"}
-        now = time.monotonic()
+        now = trio.current_time()
         if now - self._last_answered.get(peer, -MIN_INTERVAL) < MIN_INTERVAL:
             return {"error": "asked too often"}
         self._last_answered[peer] = now
+        if len(self._last_answered) > 4096:  # forget the oldest requesters
+            for old in sorted(self._last_answered, key=self._last_answered.__getitem__)[:2048]:
+                del self._last_answered[old]
         message, _ = await read_message(stream, REQUEST_TIMEOUT)
         ports = message.get("ports")
         if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
@@ -94,29 +116,117 @@ class DialbackServer:
         return {"reachable": False, "observed": observed}
 
 
-async def check_reachability(host: IHost, server: ID) -> tuple[NatStatus, dict]:
-    """Ask ``server`` to dial us back; PUBLIC if it could, PRIVATE if not."""
-    ports = sorted(
-        {int(a.value_for_protocol("tcp")) for a in host.get_transport_addrs() if transport_of(a) == "tcp"}
-    )
+async def check(host: IHost, server: ID) -> Verdict:
+    """Ask ``server`` whether we are reachable, with the first protocol it speaks."""
+    conn = _direct_connection(host, server)
+    if conn is None:
+        return Verdict(NatStatus.UNKNOWN, "dialback", details={"error": "not connected directly"})
+    ports = _tcp_listen_ports(host)
     if not ports:
-        return NatStatus.UNKNOWN, {"error": "no TCP listen address"}
+        return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP listen address"})
+    try:
+        return await _dialback(conn, ports)
+    except MultiselectClientError as exc:
+        if "not supported" not in str(exc):
+            raise
+    try:
+        return await _autonat(host, conn, ports)
+    except MultiselectClientError as exc:
+        if "not supported" not in str(exc):
+            raise
+    return Verdict(NatStatus.UNKNOWN, "none", details={"error": "speaks neither dial-back protocol"})
+
+
+async def _dialback(conn: INetConn, ports: list[int]) -> Verdict:
     with trio.fail_after(REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS):
-        stream = await host.new_stream(server, [TProtocol(PROTOCOL_ID)])
+        stream, early = await open_stream_on(conn, PROTOCOL_ID, encode({"ports": ports}))
         local = _local_address(stream)
         try:
-            await stream.write(encode({"ports": ports}))
-            answer, _ = await read_message(stream, REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS)
+            answer, _ = await read_message(stream, REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS, already_read=early)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await stream.close()
     if "error" in answer:
-        return NatStatus.UNKNOWN, answer
+        return Verdict(NatStatus.UNKNOWN, "dialback", details=answer)
     observed = str(answer.get("observed", ""))
+    port_preserving = None
     if local is not None and observed.rpartition(":")[2].isdigit():
         answer["local"] = f"{local[0]}:{local[1]}"
-        answer["port_preserving"] = int(observed.rpartition(":")[2]) == local[1]
-    return (NatStatus.PUBLIC if answer.get("reachable") is True else NatStatus.PRIVATE), answer
+        port_preserving = int(observed.rpartition(":")[2]) == local[1]
+    status = NatStatus.PUBLIC if answer.get("reachable") is True else NatStatus.PRIVATE
+    return Verdict(status, "dialback", port_preserving, answer)
+
+
+async def _autonat(host: IHost, conn: INetConn, ports: list[int]) -> Verdict:
+    request = AutonatMessage()
+    request.type = AutonatMessage.DIAL
+    request.dial.peer.id = host.get_id().to_bytes()
+    for addr in _candidate_addrs(host, ports):
+        request.dial.peer.addrs.append(addr.to_bytes())
+    with trio.fail_after(AUTONAT_TIMEOUT):
+        stream, early = await open_stream_on(conn, AUTONAT_PROTOCOL_ID, encode_varint_prefixed(request.SerializeToString()))
+        try:
+            data = await read_varint_prefixed_bytes_limited(_Prefixed(stream, early), MAX_AUTONAT_MESSAGE)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
+    answer = AutonatMessage()
+    answer.ParseFromString(data)
+    status = answer.dialResponse.status
+    details = {"status": AutonatMessage.ResponseStatus.Name(status), "text": answer.dialResponse.statusText}
+    if status == AutonatMessage.OK:
+        details["dialed"] = str(multiaddr.Multiaddr(answer.dialResponse.addr)) if answer.dialResponse.addr else None
+        return Verdict(NatStatus.PUBLIC, "autonat", details=details)
+    if status == AutonatMessage.E_DIAL_ERROR:
+        return Verdict(NatStatus.PRIVATE, "autonat", details=details)
+    # Refused (e.g. none of our addresses matches the IP it sees), bad request, internal error.
+    return Verdict(NatStatus.UNKNOWN, "autonat", details=details)
+
+
+class _Prefixed:
+    """A stream whose first bytes were already read (``early``): reads give those first."""
+
+    def __init__(self, stream: INetStream, early: bytes) -> None:
+        self.stream = stream
+        self.early = early
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self.early:
+            size = len(self.early) if n is None else n
+            data, self.early = self.early[:size], self.early[size:]
+            return data
+        return await self.stream.read(n)
+
+
+def _direct_connection(host: IHost, peer: ID) -> INetConn | None:
+    for conn in host.get_network().get_connections(peer):
+        if not conn.is_closed and conn.get_connection_type() is not ConnectionType.RELAYED:
+            return conn
+    return None
+
+
+def _tcp_listen_ports(host: IHost) -> list[int]:
+    return sorted({int(a.value_for_protocol("tcp")) for a in host.get_transport_addrs() if transport_of(a) == "tcp"})
+
+
+def _candidate_addrs(host: IHost, ports: list[int]) -> list[multiaddr.Multiaddr]:
+    """Addresses an AutoNAT server may dial: our listen ports at every IP we might be seen at
+    (the IPs peers observed us at, and our interfaces' own)."""
+    ips: list[str] = []
+    manager = getattr(host, "_observed_addr_manager", None)
+    if manager is not None:
+        for addr in manager.addrs(min_observers=1):
+            for family in ("ip4", "ip6"):
+                try:
+                    ips.append(addr.value_for_protocol(family))
+                except Exception:  # no such part in this address
+                    continue
+    ips += [ip for ip in interface_ips() if not ipaddress.ip_address(ip).is_loopback]
+    result = []
+    for ip in dict.fromkeys(ips):
+        family = "ip6" if ipaddress.ip_address(ip).version == 6 else "ip4"
+        result += [multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}") for port in ports]
+    return result[:16]
 
 
 def _local_address(stream: INetStream) -> tuple[str, int] | None:

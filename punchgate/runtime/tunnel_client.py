@@ -1,45 +1,105 @@
 """The client side of a tunnel: a local TCP listener whose every connection becomes a stream.
 
-For each accepted local connection: find a peer for the service (a fixed peer for
-``--tunnel``, a provider for ``--tunnel-by-name``), open ``/punchgate/tunnel/1.0.0`` on a
-TCP connection to it, ask for the service, and on acceptance pipe bytes both ways. A
-refusal or any failure closes the local connection at once and says why in the log.
+Each accepted local connection is a session: it is announced to the state machine
+(``SessionStarted``), which chooses the peer and the path, opens the stream and asks
+for the service (through the node's executor), and finally either hands the session an
+accepted stream (:meth:`Session.deliver`) or tells it to close with a reason
+(:meth:`Session.refuse`). The session then pipes bytes both ways, or closes the local
+connection at once; either way the machine hears ``SessionEnded``.
 """
 
 from __future__ import annotations
 
-import time
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
-from libp2p.peer.id import ID
+from libp2p.abc import INetStream
 
 from punchgate.logs import get_logger
-from punchgate.runtime.handshake import read_message
-from punchgate.runtime.paths import Paths
 from punchgate.runtime.pipe import PipeResult, pipe
-from punchgate.runtime.providers import PeerFinder
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.specs import HostPort
 from punchgate.state import events as ev
-from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
 
 log = get_logger("punchgate.tunnel")
+
+_session_ids = itertools.count(1)
+
+
+@dataclass
+class Opened:
+    """What the executor hands a session: the accepted stream and where it goes."""
+
+    stream: INetStream
+    early: bytes  # bytes the provider sent after its answer (they belong to the local client)
+    peer: str
+    path: str  # "direct" or "relayed"
+    relay: str | None
+
+
+@dataclass(eq=False)
+class Session:
+    id: int
+    service: str
+    fixed_peer: str | None
+    bind: HostPort
+    started: float
+    decided: trio.Event = field(default_factory=trio.Event)
+    opened: Opened | None = None
+    closing: tuple[str, str] | None = None  # (log event, reason)
+    result: PipeResult | None = None  # while piping: live byte counts
+
+    def deliver(self, opened: Opened) -> bool:
+        if self.decided.is_set():
+            return False
+        self.opened = opened
+        self.decided.set()
+        return True
+
+    def refuse(self, event: str, reason: str) -> None:
+        if not self.decided.is_set():
+            self.closing = (event, reason)
+            self.decided.set()
+
+
+class SessionTable:
+    """Live client sessions by ID: the executor finds a session here to hand it its stream."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: Session) -> None:
+        self._sessions[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    def get(self, session_id: int) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def values(self) -> list[Session]:
+        return list(self._sessions.values())
+
 
 class TunnelClient:
     def __init__(
         self,
-        paths: Paths,
         service: str,
         bind: HostPort,
-        finder: PeerFinder,
+        fixed_peer: str | None,
+        table: SessionTable,
         registry: SessionRegistry,
         post: Callable[[ev.Event], None],
     ) -> None:
-        self.paths = paths
         self.service = service
         self.bind = bind
-        self.finder = finder
+        self.fixed_peer = fixed_peer
+        self.table = table
         self.registry = registry
         self.post = post
         self.listeners: list[trio.SocketListener] = []
@@ -47,95 +107,55 @@ class TunnelClient:
     async def open_listeners(self) -> None:
         """Bind the local port now, so that a taken port fails the start, not a later connection."""
         self.listeners = await trio.open_tcp_listeners(self.bind.port, host=self.bind.host)
-        log.info("tunnel listening", bind=str(self.bind), service=self.service)
+        log.info("tunnel listening", bind=str(self.bind), service=self.service, peer=self.fixed_peer)
 
     async def serve(self, handler_nursery: trio.Nursery) -> None:
         await trio.serve_listeners(self._handle, self.listeners, handler_nursery=handler_nursery)
 
     async def _handle(self, local: trio.SocketStream) -> None:
+        session = Session(next(_session_ids), self.service, self.fixed_peer, self.bind, trio.current_time())
         try:
             with self.registry.session():
-                self.post(ev.TunnelSessionOpened(str(self.bind)))
+                self.table.add(session)
+                self.post(ev.SessionStarted(session.id, self.service, self.fixed_peer))
                 try:
-                    await self._run_session(local)
+                    await session.decided.wait()
+                    if session.opened is not None:
+                        await self._pipe(local, session, session.opened)
+                    elif session.closing is not None:
+                        event, reason = session.closing
+                        log.warning(event, **self._fields(), reason=reason)
                 finally:
-                    self.post(ev.TunnelSessionClosed(str(self.bind)))
+                    self.table.remove(session)
+                    self.post(ev.SessionEnded(session.id))
         except RegistryClosed:
             pass
         finally:
             with trio.CancelScope(shield=True):
                 await local.aclose()
 
-    async def _run_session(self, local: trio.SocketStream) -> None:
+    def _fields(self) -> dict:
         fields = {"service": self.service, "bind": str(self.bind)}
-        started = time.monotonic()
-        tried: set[ID] = set()
-        errors: list[str] = []
-        request = encode_request(self.service)
-        # Two rounds: the known candidates, then (if all failed) a fresh lookup's new ones.
-        # Nothing has been read from the local connection yet, so a provider that fails
-        # or refuses (a stale record: it no longer exposes the service) costs nothing
-        # but the time to ask the next one.
-        for refresh in (False, True):
-            candidates = [p for p in await self.finder.candidates(self.service, refresh) if p not in tried]
-            for peer_id in candidates:
-                tried.add(peer_id)
-                try:
-                    # The request rides with the protocol negotiation: one round trip.
-                    stream, path, early = await self.paths.open_stream(peer_id, PROTOCOL_ID, request)
-                except Exception as exc:  # dial, relay, negotiation and swarm errors of many types
-                    errors.append(f"{peer_id}: {exc}")
-                    self.finder.failed(self.service, peer_id)
-                    continue
-                peer = str(peer_id)
-                refusal, early_bytes = await self._handshake(stream, early, peer, fields)
-                if refusal is not None:
-                    errors.append(f"{peer_id}: {refusal}")
-                    self.finder.failed(self.service, peer_id)
-                    continue
-                await self._pipe(local, stream, early_bytes, peer, path, fields, started)
-                return
-        reason = "; ".join(errors) if errors else "no peer provides this service (will look again)"
-        log.warning("client tunnel error", **fields, reason=reason)
+        if self.fixed_peer is not None:
+            fields["peer"] = self.fixed_peer
+        return fields
 
-    async def _handshake(self, stream, early: bytes, peer: str, fields: dict) -> tuple[str | None, bytes]:
-        """Read the provider's answer: (None, bytes after it) if accepted, else (why, b"")."""
+    async def _pipe(self, local: trio.SocketStream, session: Session, opened: Opened) -> None:
+        fields = {**self._fields(), "peer": opened.peer, "path": opened.path}
+        if opened.relay is not None:
+            fields["relay"] = opened.relay
+        setup_ms = round((trio.current_time() - session.started) * 1000, 2)
+        log.info("client tunnel opened", **fields, setup_ms=setup_ms)
+        result = session.result = PipeResult()
         try:
-            message, early_bytes = await read_message(stream, already_read=early)
-            response = parse_response(message)
-        except Exception as exc:  # WireError, TooSlowError and stream errors alike
-            reason = f"handshake: {type(exc).__name__} {exc}"
-            log.warning("client tunnel error", **fields, peer=peer, reason=reason)
-            await _reset(stream)
-            return reason, b""
-        if not response.accepted:
-            log.warning("client tunnel rejected", **fields, peer=peer, reason=response.reason)
-            await _reset(stream)
-            return f"rejected: {response.reason}", b""
-        return None, early_bytes
-
-    async def _pipe(self, local, stream, early_bytes: bytes, peer: str, path: str, fields: dict, started: float) -> None:
-        setup_ms = round((time.monotonic() - started) * 1000, 2)
-        log.info("client tunnel opened", **fields, peer=peer, path=path, setup_ms=setup_ms)
-        result = PipeResult()
-        try:
-            await pipe(local, stream, result, pending_to_local=early_bytes)
+            await pipe(local, opened.stream, result, pending_to_local=opened.early)
         finally:
             log.info(
                 "client tunnel closed",
                 **fields,
-                peer=peer,
-                path=path,
                 bytes_to_remote=result.to_remote,
                 bytes_from_remote=result.from_remote,
-                duration_s=round(time.monotonic() - started, 3),
+                duration_s=round(trio.current_time() - session.started, 3),
                 error=result.error,
                 interrupted=result.interrupted,
             )
-
-
-async def _reset(stream) -> None:
-    try:
-        await stream.reset()
-    except Exception:
-        pass

@@ -1,10 +1,16 @@
-"""Events: things that happened, as the runtime reports them to the machine."""
+"""Events: things that happened, as the runtime reports them to the machine.
+
+Results of work the machine asked for carry the ``attempt`` ID of the command that
+asked; a result whose attempt is no longer the current one is stale and ignored.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from punchgate.state.model import NatStatus
+from punchgate.state.model import Limit, NatStatus
+
+# --- the node ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -15,77 +21,89 @@ class ListenersReady:
 
 
 @dataclass(frozen=True)
+class Tick:
+    """Time passed (the wake-up time from ``next_wakeup`` arrived); nothing else happened."""
+
+
+@dataclass(frozen=True)
 class BootstrapConnected:
     peer_id: str
+    attempt: int
 
 
 @dataclass(frozen=True)
 class BootstrapFailed:
     peer_id: str
+    attempt: int
     error: str
 
 
 @dataclass(frozen=True)
-class PeerConnected:
-    peer_id: str
+class DhtJoined:
+    """``peer_id`` (a DHT server) is in our routing table."""
 
-
-@dataclass(frozen=True)
-class PeerDisconnected:
     peer_id: str
 
 
 @dataclass(frozen=True)
 class PeerDiscovered:
-    """A peer was found on the LAN (mDNS) or by another discovery mechanism."""
+    """A peer was found on the LAN (mDNS); ``addrs`` are what it announced."""
 
     peer_id: str
     source: str
+    addrs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class RepublishDue:
-    """The periodic timer for re-announcing our services fired."""
+class ConnectionOpened:
+    """A connection to ``peer_id`` is up: ``transport`` is "tcp", "quic" or "relay"
+    (then ``relay`` is the relay's peer ID)."""
+
+    peer_id: str
+    transport: str = "tcp"
+    relay: str | None = None
 
 
 @dataclass(frozen=True)
-class AddressesChanged:
-    """The set of addresses other peers can reach us at changed."""
+class ConnectionClosed:
+    """A connection ended; fields as for :class:`ConnectionOpened`."""
 
-    addresses: tuple[str, ...]
+    peer_id: str
+    transport: str = "tcp"
+    relay: str | None = None
 
 
 @dataclass(frozen=True)
-class NatStatusObserved:
+class ReachabilityChecked:
+    """A check of our reachability ended (``status`` UNKNOWN: ``checker`` could not tell)."""
+
+    checker: str
+    attempt: int
     status: NatStatus
+    method: str  # "dialback" or "autonat"; "none" when the peer speaks neither
+    port_preserving: bool | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
 class RelayReserved:
     relay_peer_id: str
+    attempt: int
+    expires_in: float  # seconds
+    limit: Limit | None = None
 
 
 @dataclass(frozen=True)
 class RelayReservationFailed:
     relay_peer_id: str
+    attempt: int
     error: str
 
 
 @dataclass(frozen=True)
-class RelayReservationLost:
-    relay_peer_id: str
-
-
-@dataclass(frozen=True)
-class TunnelSessionOpened:
-    """A local client connection on a tunnel listener (bound at ``bind``) started."""
-
-    bind: str
-
-
-@dataclass(frozen=True)
-class TunnelSessionClosed:
-    bind: str
+class PublishDone:
+    attempt: int
+    ok: bool
 
 
 @dataclass(frozen=True)
@@ -93,20 +111,136 @@ class ShutdownRequested:
     reason: str
 
 
+@dataclass(frozen=True)
+class SessionsDrained:
+    """Every tunnel session (client and service side) has ended after a shutdown request."""
+
+
+# --- the tunnel dimension -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    """A local client connection was accepted on a tunnel listener."""
+
+    session: int
+    service: str
+    fixed_peer: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """A session's local connection is closed (after its bytes flowed, or not)."""
+
+    session: int
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """A peer and the addresses a look-up gave for it (multiaddr strings)."""
+
+    peer_id: str
+    addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProvidersFound:
+    service: str
+    attempt: int
+    providers: tuple[PeerRecord, ...]
+
+
+@dataclass(frozen=True)
+class LookupFailed:
+    service: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerLookedUp:
+    """A fresh look-up of one peer's addresses ended (``addrs`` empty: nothing found)."""
+
+    peer_id: str
+    attempt: int
+    addrs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DialSucceeded:
+    peer_id: str
+    attempt: int
+    relay: str | None = None  # through this relay
+    limit: Limit | None = None  # the relay's limit on the connection, if it announced one
+
+
+@dataclass(frozen=True)
+class DialFailed:
+    peer_id: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PunchFinished:
+    peer_id: str
+    attempt: int
+    direct: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamAccepted:
+    """The provider accepted the tunnel request of ``session`` (stream attempt ``attempt``)."""
+
+    session: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StreamRefused:
+    """The provider answered no (unknown service, not allowed, service down...)."""
+
+    session: int
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StreamFailed:
+    """The stream could not be opened or broke before an answer (``stalled``: the peer did
+    not answer in time, so the connection itself is suspect)."""
+
+    session: int
+    attempt: int
+    reason: str
+    stalled: bool = False
+
+
 Event = (
     ListenersReady
+    | Tick
     | BootstrapConnected
     | BootstrapFailed
-    | PeerConnected
-    | PeerDisconnected
+    | DhtJoined
     | PeerDiscovered
-    | RepublishDue
-    | AddressesChanged
-    | NatStatusObserved
+    | ConnectionOpened
+    | ConnectionClosed
+    | ReachabilityChecked
     | RelayReserved
     | RelayReservationFailed
-    | RelayReservationLost
-    | TunnelSessionOpened
-    | TunnelSessionClosed
+    | PublishDone
     | ShutdownRequested
+    | SessionsDrained
+    | SessionStarted
+    | SessionEnded
+    | ProvidersFound
+    | LookupFailed
+    | PeerLookedUp
+    | DialSucceeded
+    | DialFailed
+    | PunchFinished
+    | StreamAccepted
+    | StreamRefused
+    | StreamFailed
 )
