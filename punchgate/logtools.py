@@ -180,6 +180,9 @@ def _format_name(json_lines: int, console_lines: int) -> str | None:
 
 
 def parse_timestamp(text: Any) -> float | None:
+    """ISO 8601 (what structlog writes) or Unix seconds, as Unix seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text) if math.isfinite(text) else None
     if not isinstance(text, str):
         return None
     try:

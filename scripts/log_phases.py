@@ -174,6 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_limits(args: argparse.Namespace) -> None:
+    limits.clear()
+    limits.update(LIMITS)
     for item in args.limit:
         phase, _, seconds = item.partition("=")
         try:
