@@ -518,7 +518,7 @@ def table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list
     ]
     out = []
     for index, row in enumerate(cells):
-        parts = [c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        parts = [c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         out.append((indent + "  ".join(parts)).rstrip())
         if index == 0:
             out.append(indent + "  ".join("-" * w for w in widths))

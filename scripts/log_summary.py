@@ -27,6 +27,8 @@ def analyse(section: lt.Section, names: lt.PeerNames) -> dict[str, Any]:
     stopped = section.first("stopped")
     shutdown = section.first("shutdown requested")
     publications = section.named("service published", "service publication failed")
+    # An event that names our advertised addresses (if the runtime logs one) wins over publications.
+    advertised = [e for e in section.events if "advertised" in e.fields or "advertis" in e.name]
     reachability = section.named("reachability")
     dht_modes = section.named("dht mode")
     nat_events = [e for e in section.events if e.name == "nat" or e.name.startswith("nat ")]
@@ -38,7 +40,7 @@ def analyse(section: lt.Section, names: lt.PeerNames) -> dict[str, Any]:
         "identity": started.text("identity") if started else None,
         "identity_created": started.fields.get("identity_created") if started else None,
         "listen_addresses": _unique(e.text("address") for e in section.named("listening on")),
-        "advertised_addresses": _unique(publications[-1].get("addresses", [])) if publications else [],
+        "advertised_addresses": _advertised(advertised, publications),
         "phases": [phases[0].text("from_phase")] + [e.text("to_phase") for e in phases] if phases else [],
         "final_phase": phases[-1].text("to_phase") if phases else None,
         "ready_after_s": _since(section, ready),
@@ -49,6 +51,7 @@ def analyse(section: lt.Section, names: lt.PeerNames) -> dict[str, Any]:
                 "status": e.text("status"), "checked_by": e.text("checked_by"), "observed": e.text("observed"),
                 "port_preserving": e.fields.get("port_preserving"), "error": e.fields.get("error"),
                 "duration_ms": e.number("duration_ms"),
+                "other": {k: v for k, v in e.fields.items() if k not in _REACHABILITY_SHOWN and v is not None},
             }
             for e in reachability
         ],
@@ -76,6 +79,20 @@ def analyse(section: lt.Section, names: lt.PeerNames) -> dict[str, Any]:
         "tunnels": _tunnel_totals(lt.tunnel_figures(section)),
         "problems": lt.problems(section),
     }
+
+
+_REACHABILITY_SHOWN = {"status", "checked_by", "observed", "port_preserving", "error", "duration_ms", "local"}
+
+
+def _advertised(advertised: list[lt.Event], publications: list[lt.Event]) -> list[str]:
+    if advertised:
+        last = advertised[-1]
+        addresses = last.fields.get("advertised", last.fields.get("addresses"))
+    elif publications:
+        addresses = publications[-1].fields.get("addresses")
+    else:
+        return []
+    return _unique(addresses if isinstance(addresses, (list, tuple)) else [addresses])
 
 
 def _unique(values) -> list[str]:
@@ -152,11 +169,12 @@ def render(node: dict[str, Any]) -> list[str]:
         signal = f" on {node['shutdown_signal']}" if node["shutdown_signal"] else ""
         out.append(f"  stopped cleanly{signal}")
     else:
-        out.append(f"  no 'stopped' event: still running, killed, or the log is cut (last phase {node['final_phase']})")
+        last = node["final_phase"] or "?"
+        out.append(f"  no 'stopped' event: still running, killed, or the log is cut (last phase {last})")
     out.append("  listening on:")
     out += [f"    {a}" for a in node["listen_addresses"]] or ["    (none logged)"]
     if node["advertised_addresses"]:
-        out.append("  advertised (last service publication):")
+        out.append("  advertised:")
         out += [f"    {a}" for a in node["advertised_addresses"]]
 
     nat = []
@@ -168,6 +186,7 @@ def render(node: dict[str, Any]) -> list[str]:
             detail.append("port preserving" if check["port_preserving"] else "ports not preserved")
         if check["error"]:
             detail.append(f"error {check['error']}")
+        detail += [f"{k}={v}" for k, v in check["other"].items()]
         nat.append(f"{check['status']} ({', '.join(detail)})")
     out.append(f"  reachability: {'; '.join(nat) if nat else 'not checked'}")
     for item in node["nat"]:

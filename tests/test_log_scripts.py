@@ -142,6 +142,7 @@ def real_run(directory: Path, fmt: str, echo_port: int) -> dict:
         assert refused_through(unknown_bind) == b""
         a.wait_event("client tunnel closed", len(SIZES))
         a.wait_event("client tunnel rejected")
+        a.wait_event("client tunnel error")
         b.wait_event("tunnel closed", len(SIZES))
         b.wait_event("tunnel rejected")
         assert a.stop() == 0
@@ -475,9 +476,19 @@ GARBAGE = [
 ]
 
 
+# Events and fields the scripts do not know (the runtime gains some): events, not garbage.
+NEW_EVENTS = [
+    b'{"event": "nat learnt", "by": "dialback", "status": "private", "level": "info",'
+    b' "timestamp": "2026-01-01T00:00:00.5Z"}\n',
+    b"2026-01-01T00:00:00.600000Z [info     ] relay limits                   duration_s=7200 data_bytes=8589934592\n",
+]
+
+
 def test_garbage_lines_are_counted_and_skipped(runs, tmp_path):
     clean = runs["json"]["dir"] / "peer-a.log", runs["console"]["dir"] / "peer-b.log"
-    lines = clean[0].read_bytes().splitlines(keepends=True) + clean[1].read_bytes().splitlines(keepends=True)
+    first = clean[0].read_bytes().splitlines(keepends=True)
+    second = clean[1].read_bytes().splitlines(keepends=True)
+    lines = first[:1] + NEW_EVENTS + first[1:] + second[:1] + NEW_EVENTS + second[1:]
     mixed = []
     for index, line in enumerate(lines):
         mixed.append(line)
@@ -493,7 +504,9 @@ def test_garbage_lines_are_counted_and_skipped(runs, tmp_path):
         assert [comparable(n) | {"lines": 0, "skipped_lines": 0, "skipped_samples": 0} for n in dirty["nodes"]] == [
             comparable(n) | {"lines": 0, "skipped_lines": 0, "skipped_samples": 0} for n in tidy["nodes"]
         ], name
-    assert [n["format"] for n in dirty["nodes"]] == ["json", "console"]  # two runs, one section each
+    assert [n["format"] for n in dirty["nodes"]] == ["mixed", "mixed"]  # two runs, one section each
+    assert [n["events"] for n in tidy["nodes"]] == [len(first) + 2, len(second) + 2]
+    assert tidy["skipped_lines"] == 0
     out = text("summary", str(log))
     assert f"{inserted + 1} lines skipped" in out
 
