@@ -30,6 +30,7 @@ from punchgate.devtools.echo import EchoServer
 from punchgate.devtools.jsnode import JsNode, JsNodeUnavailable, ensure_installed
 from punchgate.devtools.processes import PunchgateProcess, identity_path
 from punchgate.runtime.host import build_host
+from punchgate.state import Limit, RelayStatus
 from punchgate.specs import ExposeSpec, HostPort
 from punchgate.wire import PROTOCOL_ID as TUNNEL_PROTOCOL
 
@@ -142,13 +143,20 @@ async def test_punchgate_reserves_a_slot_on_the_js_relay_and_is_reached_through_
                 expose=(ExposeSpec("echo", HostPort("127.0.0.1", echo_port)),),
             )
             ours = str(node.peer_id)
-            # What a PRIVATE node does. Here punchgate cannot find out that it is private
-            # (the js node does not speak /punchgate/dialback), so the test asks itself.
-            await node.relays.reserve(js_id)
-            circuit = f"{js_relay.tcp_addr}/p2p-circuit"
-            assert circuit in [str(a) for a in node.address_book.relay_addrs]
+            # A node that joined through a bootstrap peer holds a relay slot there until a
+            # check says it is reachable; the js node speaks AutoNAT, not our dial-back.
             reservation = await in_thread(js_relay.wait_event, "reservation", 10, peer=ours)
             assert reservation["limit"] == {"duration_s": 120, "data_bytes": 128 * 1024}  # js defaults
+            with trio.fail_after(10):
+                while node.state.relay.status is not RelayStatus.RESERVED:
+                    await trio.sleep(0.05)
+            assert node.state.relay.relay_peer_id == str(js_id)
+            # As announced; js-libp2p 2.x sends its 2-minute limit in milliseconds where the
+            # spec says seconds. The data limit alone makes this relay unfit for a tunnel.
+            assert node.state.relay.limit == Limit(120_000, 128 * 1024), repr(node.state.relay.limit)
+            assert node.state.relay.limit.restricts_tunnels
+            circuit = f"{js_relay.tcp_addr}/p2p-circuit"
+            assert circuit in [str(a) for a in node.address_book.relay_addrs]
 
             # A js client reaches punchgate's echo service through the js relay.
             client = await in_thread(
