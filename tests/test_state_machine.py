@@ -396,6 +396,7 @@ events = st.one_of(
     st.builds(ev.ConnectionClosed, PEERS, st.just("relay"), RELAYS),
     st.builds(ev.ReachabilityChecked, PEERS, ATTEMPTS, st.sampled_from(list(NatStatus)),
               st.sampled_from(["dialback", "autonat", "none"]), st.sampled_from([None, True, False])),
+    st.builds(ev.PortMappingObserved, PEERS, ATTEMPTS, st.booleans()),
     st.builds(ev.RelayReserved, RELAYS, ATTEMPTS, st.sampled_from([60.0, 3600.0]), LIMITS),
     st.builds(ev.RelayReservationFailed, RELAYS, ATTEMPTS, st.just("no")),
     st.builds(ev.PublishDone, ATTEMPTS, st.booleans()),

@@ -51,6 +51,7 @@ TUNNEL_PORT = 2222  # hostb's local end of the tunnel to the echo service
 #   python -c CLIENT_SCRIPT idle PORT IDLE_SECONDS TIMEOUT
 #   python -c CLIENT_SCRIPT many PORT COUNT SIZE TIMEOUT
 #   python -c CLIENT_SCRIPT sequential PORT COUNT TIMEOUT
+#   python -c CLIENT_SCRIPT first PORT SIZE SINCE TIMEOUT
 # "echo" sends SIZE random bytes, half-closes, reads everything back (optionally pausing
 # its reading for STALL_SECONDS after STALL_AT bytes) and prints one JSON line with both
 # sha256 digests. "hold" echoes a short message, prints {"state": "open"}, then waits (at
@@ -60,6 +61,8 @@ TUNNEL_PORT = 2222  # hostb's local end of the tunnel to the echo service
 # echoes again and prints how long the connection was idle. "many" runs COUNT
 # connections at once, each echoing SIZE random bytes (sha256 compared); "sequential"
 # runs COUNT short echo connections one after the other; both print their tallies.
+# "first" connects as soon as the port accepts (retrying refusals), echoes SIZE random
+# bytes and prints when the first byte came back, in seconds since the Unix time SINCE.
 CLIENT_SCRIPT = r"""
 import asyncio, hashlib, json, os, socket, sys, threading, time
 mode, port = sys.argv[1], int(sys.argv[2])
@@ -115,6 +118,48 @@ async def sequential(count, limit):
             first = first or "connection %d: %r" % (i, exc)
         done += 1
     out(state="done", done=done, failures=failures, first_failure=first, total_s=round(time.monotonic() - started, 3))
+if mode == "first":
+    # Connect as soon as the tunnel's port accepts (retrying refusals), echo SIZE random bytes,
+    # and say when the first byte came back, in wall-clock seconds since SINCE.
+    size, since, limit = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+    payload = os.urandom(size)
+    result = {"error": None, "first_byte_s": None, "done_s": None, "attempts": 0}
+    conn = None
+    while conn is None and time.time() - since < limit:
+        result["attempts"] += 1
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=limit)
+        except ConnectionRefusedError:
+            time.sleep(0.02)
+    if conn is None:
+        out(error="never connected", **{k: v for k, v in result.items() if k != "error"})
+        sys.exit(0)
+    conn.settimeout(max(1.0, limit - (time.time() - since)))
+    digest, received = hashlib.sha256(), 0
+    def send():
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    threading.Thread(target=send, daemon=True).start()
+    try:
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            if result["first_byte_s"] is None:
+                result["first_byte_s"] = round(time.time() - since, 3)
+            digest.update(data)
+            received += len(data)
+    except OSError as exc:
+        result["error"] = repr(exc)
+    result["done_s"] = round(time.time() - since, 3)
+    ok = received == size and digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    if result["error"] is None and not ok:
+        result["error"] = "echo differs (%d of %d B)" % (received, size)
+    out(received=received, **result)
+    sys.exit(0)
 if mode == "many":
     asyncio.run(many(int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
     sys.exit(0)
@@ -295,6 +340,9 @@ class NatLab:
         self.failure = failure
         self.prefix = unique_prefix(tag)
         self.nodes: dict[str, PunchgateProcess] = {}
+        self.started: dict[str, float] = {}  # Unix time each node was (last) started
+        self.node_env: dict[str, str] = {}  # extra environment for nodes (PUNCHGATE_LOG=debug, say)
+        self._how: dict[str, tuple[str, tuple[str, ...]]] = {}  # role and flags, for restarts
         self.helpers: dict[str, tuple[subprocess.Popen, LineReader]] = {}
         self.env: dict[str, str] = {}
         self.notes: list[str] = []
@@ -358,17 +406,58 @@ class NatLab:
         return ["ip", "netns", "exec", self.env.get(f"NS_{role.upper()}", f"{self.prefix}-{role}")]
 
     # --- processes
-    def node(self, name: str, role: str, *args: str) -> PunchgateProcess:
-        """``punchgate`` in ROLE's namespace, listening on NODE_PORT, with its own identity."""
+    def identity(self, name: str) -> Path:
+        return self.workdir / f"{self.prefix}-{name}.key"
+
+    def peer_id(self, name: str) -> str:
+        """NAME's peer ID, its identity file made now if need be (so it is known before start)."""
+        from libp2p.peer.id import ID
+
+        from punchgate.identity import load_or_create_identity
+
+        key_pair, _ = load_or_create_identity(self.identity(name))
+        return str(ID.from_pubkey(key_pair.public_key))
+
+    def node(self, name: str, role: str, *args: str, port: int = NODE_PORT) -> PunchgateProcess:
+        """``punchgate`` in ROLE's namespace, listening on PORT, with its own identity."""
         proc = PunchgateProcess(
-            "--identity", str(self.workdir / f"{self.prefix}-{name}.key"),
-            "--listen", f"/ip4/0.0.0.0/tcp/{NODE_PORT}",
+            "--identity", str(self.identity(name)),
+            "--listen", f"/ip4/0.0.0.0/tcp/{port}",
             "--no-mdns",
             *args,
             wrapper=self.wrap(role),
+            env=self.node_env,
         )
         self.nodes[name] = proc
+        self.started[name] = time.time()
+        self._how[name] = (role, args)
         return proc
+
+    def restart(self, name: str, *, port: int = NODE_PORT) -> PunchgateProcess:
+        """Kill NAME (SIGKILL, by PID) and start it again with the same identity and flags,
+        listening on PORT; returns the new process (its start time is ``started[name]``)."""
+        self.nodes[name].kill()
+        role, args = self._how[name]
+        return self.node(name, role, *args, port=port)
+
+    def start_all_at_once(self) -> Started:
+        """pub, hosta (echo server + ``--expose echo``) and hostb (``--tunnel-by-name echo``)
+        started at the same instant (``started`` holds it), as a boot starts them; nothing
+        is awaited."""
+        pub_id = self.peer_id("pub")
+        bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
+        self.start_echo_server()
+        hosta_id = self.peer_id("hosta")
+        self.peer_id("hostb")
+        self.node("pub", "pub")
+        self.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
+        self.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")
+        return Started(bootstrap, pub_id, hosta_id, {})
+
+    def first_echo(self, name: str, since: float, size: int, timeout: float) -> dict:
+        """A "first" client in hostb: connects as soon as it can, echoes SIZE bytes; its result
+        (``first_byte_s`` counted from the Unix time SINCE)."""
+        return self._client_result(name, "first", str(TUNNEL_PORT), str(size), str(since), str(timeout), timeout=timeout)
 
     def expect(self, node: str, event: str, timeout: float, nth: int = 1, **fields) -> dict:
         """The ``nth`` event called ``event`` (with ``fields``) in NODE's log, waiting up to ``timeout``."""

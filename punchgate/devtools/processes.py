@@ -23,8 +23,8 @@ class PunchgateProcess:
         """``wrapper`` is a prefix command that must exec the rest, keeping the process id:
         ``["ip", "netns", "exec", "lab-hosta"]`` runs the node inside that network namespace,
         and ``self.proc.pid`` is still the punchgate process itself."""
-        full_env = {**os.environ, **(env or {})}
-        full_env.pop("PUNCHGATE_LOG", None)
+        full_env = {k: v for k, v in os.environ.items() if k != "PUNCHGATE_LOG"}  # only what we ask for
+        full_env.update(env or {})
         self.command = [*(wrapper or []), sys.executable, "-m", "punchgate", "--log-format", "json", *args]
         self.started_at = time.time()  # wall clock, comparable with the events' "timestamp"
         self.proc = subprocess.Popen(

@@ -14,23 +14,60 @@ Defects (``libp2p/relay/circuit_v2/dcutr.py``):
   (``_schedule_relay_close``), resetting tunnel streams still on it. We close it only
   once no stream uses it.
 
-Fix: :class:`BoundedDCUtR` overrides those four methods. Callers still bound each
-punch with their own cancel scope (``runtime/holepunch.py``).
+* the addresses it punches with (``_get_observed_addrs``, ~1093) and the port it
+  dials from (``_perform_hole_punch``, ~767) are read from ``host.get_addrs()``: what
+  the host *advertises*. A node behind NAT advertises only its circuit address (its
+  own are not worth telling before a check says they work), which left DCUtR with no
+  listen port: it sent no address and dialled from a random port (measured: every
+  punch between two nodes started together "gave up" in 20 ms).
+* after three attempts with a peer (``MAX_HOLE_PUNCH_ATTEMPTS``) it never tries that
+  peer again, however much later; when to try again is our state machine's decision.
+
+Fix: :class:`BoundedDCUtR` overrides those methods, runs the protocol on a view of
+the host whose ``get_addrs()`` gives the host's own listen addresses (wildcards
+expanded), and forgets the attempt count before each attempt we ask for. Callers
+still bound each punch with their own cancel scope (``runtime/holepunch.py``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
+from libp2p.abc import IHost
 from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from multiaddr import Multiaddr
 
+from punchgate.runtime.addresses import advertised, interface_ips
+
 RELAY_IDLE_CHECK = 5.0
 RELAY_IDLE_CHECKS = 720  # give up watching after an hour
 
 
+class _OwnAddresses:
+    """The host, except that ``get_addrs()`` gives its own listen addresses, not what it advertises."""
+
+    def __init__(self, host: IHost) -> None:
+        self._host = host
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+    def get_addrs(self) -> list[Multiaddr]:
+        me = Multiaddr(f"/p2p/{self._host.get_id()}")
+        return [a.encapsulate(me) for a in advertised(self._host.get_transport_addrs(), interface_ips())]
+
+
 class BoundedDCUtR(DCUtRProtocol):
+    def __init__(self, host: IHost, **kwargs: Any) -> None:
+        super().__init__(_OwnAddresses(host), **kwargs)  # type: ignore[arg-type]
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        self._hole_punch_attempts.pop(peer_id, None)  # we decide when to try again
+        return await super().initiate_hole_punch(peer_id)
+
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
         return False
 

@@ -55,6 +55,7 @@ from punchgate.runtime.mdns import MdnsDiscovery
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.pinger import Pinger
 from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
+from punchgate.runtime.reachability import PROTOCOL_V1 as DIALBACK_PROTOCOL_V1
 from punchgate.runtime.reachability import DialbackServer, check
 from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
@@ -129,6 +130,7 @@ class Node:
                 self._nursery = nursery
                 self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.service.handle_stream)
                 self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), self.dialback.handle_stream)
+                self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_V1), self.dialback.handle_stream_v1)
                 self.host.get_network().register_notifee(_ConnectionEvents(self.post))
                 await nursery.start(self.discovery.run)
                 await nursery.start(self.relays.run)
@@ -319,7 +321,11 @@ class Node:
     async def _check_reachability(self, peer_id: str, attempt: int) -> None:
         started = trio.current_time()
         try:
-            verdict = await check(self.host, ID.from_base58(peer_id))
+            verdict = await check(
+                self.host,
+                ID.from_base58(peer_id),
+                lambda keeps: self.post(ev.PortMappingObserved(peer_id, attempt, keeps)),
+            )
             status, method, details, keeps = verdict.status, verdict.method, verdict.details, verdict.port_preserving
         except Exception as exc:  # the helper vanished or answered nonsense
             status, method, details, keeps = NatStatus.UNKNOWN, "error", {"error": f"{type(exc).__name__}: {exc}"}, None

@@ -2,13 +2,17 @@
 
 Two protocols, asked in this order of a connected bootstrap peer:
 
-* ``/punchgate/dialback/1.0.0``, ours: the client sends the TCP ports it listens on; the
-  server dials ``/ip4/<the IP it sees>/tcp/<port>`` with ``swarm.dial_addr`` (always a
-  new connection, authenticated by Noise as the same peer), and answers
-  ``{"reachable": bool, "observed": "ip:port"}``. The answer also tells whether our NAT
-  keeps our port (the observed port equals our end of the connection): DCUtR predicts
-  our port as our listen port, so with a NAT that maps ports at random a hole punch
-  cannot work and is not tried.
+* ``/punchgate/dialback/1.1.0``, ours: the client sends the TCP ports it listens on; the
+  server answers at once with the address it sees (``{"observed": "ip:port"}``), then
+  dials ``/ip4/<that IP>/tcp/<port>`` with ``swarm.dial_addr`` (always a new
+  connection, authenticated by Noise as the same peer), and answers
+  ``{"reachable": bool, "observed": "ip:port"}``. The first answer tells, within one
+  round trip, whether our NAT keeps our port (the observed port equals our end of the
+  connection): DCUtR predicts our port as our listen port, so with a NAT that maps
+  ports at random a hole punch cannot work and is not tried. (The final answer comes
+  only when the dial-back worked or timed out, 3 s later behind a NAT.)
+  ``/punchgate/dialback/1.0.0`` is the same without the first answer; both are served,
+  and 1.0.0 is asked of a peer that does not speak 1.1.0.
 * AutoNAT v1 (``/libp2p/autonat/1.0.0``), the standard that go-, rust- and js-libp2p
   nodes speak. We serve it too, with the library's service fixed to dial back on a new
   connection (``libp2p_fixes/autonat.py``).
@@ -23,6 +27,7 @@ most once per :data:`MIN_INTERVAL`.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import multiaddr
@@ -44,7 +49,8 @@ from punchgate.specs import transport_of
 from punchgate.state.model import NatStatus
 from punchgate.wire import WireError, encode
 
-PROTOCOL_ID = "/punchgate/dialback/1.0.0"
+PROTOCOL_ID = "/punchgate/dialback/1.1.0"
+PROTOCOL_V1 = "/punchgate/dialback/1.0.0"
 DIALBACK_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 15.0
 MIN_INTERVAL = 10.0
@@ -72,8 +78,15 @@ class DialbackServer:
         self.autonat = FreshDialAutoNAT(host, serve=True)  # type: ignore[arg-type]
 
     async def handle_stream(self, stream: INetStream) -> None:
+        """``/punchgate/dialback/1.1.0``: the observed address at once, then the verdict."""
+        await self._serve(stream, early=True)
+
+    async def handle_stream_v1(self, stream: INetStream) -> None:
+        await self._serve(stream, early=False)
+
+    async def _serve(self, stream: INetStream, early: bool) -> None:
         try:
-            answer = await self._answer(stream)
+            answer = await self._answer(stream, early)
             await stream.write(encode(answer))
             await stream.close()
         except Exception:  # a broken or malicious requester: drop the stream
@@ -82,7 +95,7 @@ class DialbackServer:
             except Exception:
                 pass
 
-    async def _answer(self, stream: INetStream) -> dict:
+    async def _answer(self, stream: INetStream, early: bool) -> dict:
         peer = stream.muxed_conn.peer_id
         if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
             return {"error": "dial-back is not offered over relayed connections"}
@@ -103,6 +116,8 @@ class DialbackServer:
         ip = remote[0]
         family = "ip6" if ipaddress.ip_address(ip).version == 6 else "ip4"
         observed = f"{ip}:{remote[1]}"
+        if early:
+            await stream.write(encode({"observed": observed}))
         for port in ports[:MAX_PORTS]:
             addr = multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}")
             with trio.move_on_after(DIALBACK_TIMEOUT):
@@ -116,19 +131,22 @@ class DialbackServer:
         return {"reachable": False, "observed": observed}
 
 
-async def check(host: IHost, server: ID) -> Verdict:
-    """Ask ``server`` whether we are reachable, with the first protocol it speaks."""
+async def check(host: IHost, server: ID, on_mapping: Callable[[bool], None] = lambda keeps: None) -> Verdict:
+    """Ask ``server`` whether we are reachable, with the first protocol it speaks.
+
+    ``on_mapping(port_preserving)`` is called as soon as that is known (before the verdict)."""
     conn = _direct_connection(host, server)
     if conn is None:
         return Verdict(NatStatus.UNKNOWN, "dialback", details={"error": "not connected directly"})
     ports = _tcp_listen_ports(host)
     if not ports:
         return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP listen address"})
-    try:
-        return await _dialback(conn, ports)
-    except MultiselectClientError as exc:
-        if "not supported" not in str(exc):
-            raise
+    for protocol in (PROTOCOL_ID, PROTOCOL_V1):
+        try:
+            return await _dialback(conn, ports, protocol, on_mapping)
+        except MultiselectClientError as exc:
+            if "not supported" not in str(exc):
+                raise
     try:
         return await _autonat(host, conn, ports)
     except MultiselectClientError as exc:
@@ -137,24 +155,36 @@ async def check(host: IHost, server: ID) -> Verdict:
     return Verdict(NatStatus.UNKNOWN, "none", details={"error": "speaks neither dial-back protocol"})
 
 
-async def _dialback(conn: INetConn, ports: list[int]) -> Verdict:
-    with trio.fail_after(REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS):
-        stream, early = await open_stream_on(conn, PROTOCOL_ID, encode({"ports": ports}))
+async def _dialback(conn: INetConn, ports: list[int], protocol: str, on_mapping: Callable[[bool], None]) -> Verdict:
+    limit = REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS
+    with trio.fail_after(limit):
+        stream, rest = await open_stream_on(conn, protocol, encode({"ports": ports}))
         local = _local_address(stream)
         try:
-            answer, _ = await read_message(stream, REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS, already_read=early)
+            while True:  # 1.1.0: {"observed"} first, then the verdict (or an error)
+                answer, rest = await read_message(stream, limit, already_read=rest)
+                port_preserving = _keeps_port(answer, local)
+                if "reachable" in answer or "error" in answer:
+                    break
+                if port_preserving is not None:
+                    on_mapping(port_preserving)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await stream.close()
     if "error" in answer:
         return Verdict(NatStatus.UNKNOWN, "dialback", details=answer)
-    observed = str(answer.get("observed", ""))
-    port_preserving = None
-    if local is not None and observed.rpartition(":")[2].isdigit():
+    if local is not None:
         answer["local"] = f"{local[0]}:{local[1]}"
-        port_preserving = int(observed.rpartition(":")[2]) == local[1]
     status = NatStatus.PUBLIC if answer.get("reachable") is True else NatStatus.PRIVATE
     return Verdict(status, "dialback", port_preserving, answer)
+
+
+def _keeps_port(answer: dict, local: tuple[str, int] | None) -> bool | None:
+    """Whether the port the helper sees is our end's (our NAT keeps ports), if it can tell."""
+    observed = str(answer.get("observed", ""))
+    if local is None or not observed.rpartition(":")[2].isdigit():
+        return None
+    return int(observed.rpartition(":")[2]) == local[1]
 
 
 async def _autonat(host: IHost, conn: INetConn, ports: list[int]) -> Verdict:

@@ -86,6 +86,15 @@ class ReachabilityChecked:
 
 
 @dataclass(frozen=True)
+class PortMappingObserved:
+    """During a check: whether our NAT keeps our port (``checker`` saw it at once)."""
+
+    checker: str
+    attempt: int
+    port_preserving: bool
+
+
+@dataclass(frozen=True)
 class RelayReserved:
     relay_peer_id: str
     attempt: int
@@ -227,6 +236,7 @@ Event = (
     | ConnectionOpened
     | ConnectionClosed
     | ReachabilityChecked
+    | PortMappingObserved
     | RelayReserved
     | RelayReservationFailed
     | PublishDone

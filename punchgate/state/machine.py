@@ -170,6 +170,10 @@ def _handle(state: NodeState, event: ev.Event, now: float) -> Result:
             return _on_connection_closed(state, event, now)
         case ev.ReachabilityChecked():
             return _on_reachability(state, event, now)
+        case ev.PortMappingObserved():
+            if state.nat.attempt != event.attempt:
+                return state, []
+            return replace(state, nat=replace(state.nat, port_preserving=event.port_preserving)), []
         case ev.RelayReserved():
             return _on_relay_reserved(state, event, now)
         case ev.RelayReservationFailed():
