@@ -188,6 +188,8 @@ class Node:
             log.info("phase transition", from_phase=old.phase.value, to_phase=self.state.phase.value)
             if self.state.phase is Phase.READY:
                 self.ready.set()
+        if commands or not isinstance(event, ev.Tick):
+            log.debug("state step", state_event=repr(event), commands=[repr(c) for c in commands])
         if old.nat.status is not self.state.nat.status:
             log.info("nat status", status=self.state.nat.status.value, learnt_by=self.state.nat.learnt_by)
         for command in commands:

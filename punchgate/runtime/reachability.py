@@ -74,7 +74,7 @@ class DialbackServer:
 
     def __init__(self, host: IHost) -> None:
         self.host = host
-        self._last_answered: dict[ID, float] = {}
+        self._last_answered: dict[tuple[ID, int], float] = {}
         self.autonat = FreshDialAutoNAT(host, serve=True)  # type: ignore[arg-type]
 
     async def handle_stream(self, stream: INetStream) -> None:
@@ -99,10 +99,13 @@ class DialbackServer:
         peer = stream.muxed_conn.peer_id
         if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
             return {"error": "dial-back is not offered over relayed connections"}
+        # Once per connection and MIN_INTERVAL (a node that restarted asks again on its
+        # new connection at once; asking more often needs a new Noise handshake each time).
+        key = (peer, id(stream.muxed_conn))
         now = trio.current_time()
-        if now - self._last_answered.get(peer, -MIN_INTERVAL) < MIN_INTERVAL:
+        if now - self._last_answered.get(key, -MIN_INTERVAL) < MIN_INTERVAL:
             return {"error": "asked too often"}
-        self._last_answered[peer] = now
+        self._last_answered[key] = now
         if len(self._last_answered) > 4096:  # forget the oldest requesters
             for old in sorted(self._last_answered, key=self._last_answered.__getitem__)[:2048]:
                 del self._last_answered[old]

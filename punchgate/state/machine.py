@@ -276,8 +276,14 @@ def _on_connection_opened(state: NodeState, event: ev.ConnectionOpened, now: flo
         link = replace(link, direct=link.direct + 1)
     else:
         link = replace(link, other=link.other + 1)
+    commands: list[Command] = []
+    if link.direct > 0 and link.punch.status is PunchStatus.RUNNING:
+        # The punch made its connection: whatever the library still does, we are done.
+        assert link.punch.attempt is not None
+        commands.append(Cancel(link.punch.attempt))
+        link = replace(link, punch=Punch())
     state = state.with_link(link)
-    return replace(state, connected_peers=state.connected_peers | {event.peer_id}), []
+    return replace(state, connected_peers=state.connected_peers | {event.peer_id}), commands
 
 
 def _on_connection_closed(state: NodeState, event: ev.ConnectionClosed, now: float) -> Result:
@@ -293,10 +299,17 @@ def _on_connection_closed(state: NodeState, event: ev.ConnectionClosed, now: flo
         link = replace(link, direct=max(0, link.direct - 1))
     else:
         link = replace(link, other=max(0, link.other - 1))
+    commands: list[Command] = []
+    if link.punch.status is PunchStatus.RUNNING and not any(r.count for r in link.relayed.values()):
+        # A punch is coordinated over the relayed connection, which is gone.
+        assert link.punch.attempt is not None
+        commands.append(Cancel(link.punch.attempt))
+        link = replace(link, punch=Punch())
     state = _store_link(state, link)
     if link.connected:
-        return state, []
-    return _peer_gone(state, event.peer_id, now)
+        return state, commands
+    state, more = _peer_gone(state, event.peer_id, now)
+    return state, commands + more
 
 
 def _peer_gone(state: NodeState, peer_id: str, now: float) -> Result:
