@@ -1,28 +1,24 @@
 #!/usr/bin/env python3
-"""Timings of a tunnel between two hosts behind port-preserving NATs, in the netns lab.
+"""Start-to-first-byte and recovery times of a tunnel between two hosts behind NATs.
 
-Each run builds a fresh lab (``scripts/netns_lab.sh up``, MASQUERADE, a unique prefix),
-starts the same topology as ``tests/test_nat.py`` and removes the lab again:
+Each run builds a fresh namespace lab (``scripts/netns_lab.sh``, a unique prefix), for
+port-preserving (cone) NATs and for symmetric ones, and puts it through the situations
+of ``tests/test_nat_orders.py`` (``punchgate.devtools.natlab.SITUATIONS``), in order:
 
-* pub:   ``punchgate --listen /ip4/0.0.0.0/tcp/4001`` (bootstrap node and relay)
-* hosta: echo server on 127.0.0.1:7777, ``punchgate --expose echo=127.0.0.1:7777``
-* hostb: ``punchgate --tunnel-by-name echo@127.0.0.1:2222``
+1. all three nodes started at the same instant: pub (bootstrap node and relay), hosta
+   (``--expose echo``) and hostb (``--tunnel-by-name echo``);
+2. the provider killed and started again on another port, same identity;
+3. the relay/bootstrap node killed and started again;
+4. provider and client stopped, the client started ``--client-ahead`` s (20) before the
+   provider.
 
-and measures, from the nodes' JSON log events and from a client inside hostb:
+After each, a client inside hostb connects to the tunnel as soon as it can and echoes
+64 KiB (sha256 compared); the figure is the time from the start of the situation's last
+node to the first echoed byte, with the path the tunnel took. Prints the median, min
+and max over the runs for each NAT kind and situation, against the targets (5 s from a
+simultaneous start, 15 s to recover).
 
-* start to ready:    process start -> ``phase transition`` to ``ready`` (hosta, hostb)
-* name resolution:   ``service resolved`` duration_ms (hostb)
-* relay connect:     ``relay connected`` duration_ms (hostb; n/a if the runtime does not log it)
-* hole punch:        ``hole punch`` duration_ms, outcome ``direct`` (hostb)
-* first byte:        client connect -> first echoed byte, for the first connection (which
-                     pays for resolution, relay and punch) and for one after the punch
-* tunnel setup:      ``client tunnel opened`` setup_ms, for the same two connections
-
-Prints the median, min and max of each over the runs.
-
-    sudo .venv/bin/python scripts/bench_nat.py [--runs 5] [--json results.json]
-
-(any python with punchgate and its dependencies installed; nodes run with the same one).
+    sudo .venv/bin/python scripts/bench_nat.py [--runs 5] [--nat cone,symmetric] [--json FILE]
 
 Needs root, ``ip`` and ``iptables``. Every lab is torn down, also on errors and Ctrl+C.
 """
@@ -38,86 +34,37 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from punchgate.devtools.natlab import NatLab  # noqa: E402
+from punchgate.devtools.natlab import SITUATIONS, NatLab  # noqa: E402
 
-START_TIMEOUT = 30
-SETUP_TIMEOUT = 30
-CONNECTION_TIMEOUT = 60
-PUNCH_TIMEOUT = 40
-
-METRICS = [
-    ("start_to_ready_hosta_ms", "start to ready, hosta"),
-    ("start_to_ready_hostb_ms", "start to ready, hostb"),
-    ("name_resolution_ms", "name resolution"),
-    ("relay_connect_ms", "relay connect"),
-    ("hole_punch_ms", "hole punch (direct)"),
-    ("first_byte_first_connection_ms", "first byte, first connection"),
-    ("first_byte_after_punch_ms", "first byte, after the punch"),
-    ("setup_first_connection_ms", "tunnel setup, first connection"),
-    ("setup_after_punch_ms", "tunnel setup, after the punch"),
-]
+PAYLOAD = 64 * 1024
+CLIENT_TIMEOUT = 60.0
+TARGETS = {"all started at once": 5.0}  # seconds; the others: RECOVERY_TARGET
+RECOVERY_TARGET = 15.0
 
 
 class RunFailed(Exception):
     pass
 
 
-def event_time(event: dict) -> float:
-    """The event's ISO UTC timestamp as seconds since the epoch."""
-    return datetime.fromisoformat(event["timestamp"]).timestamp()
-
-
-def maybe(lab: NatLab, name: str, event: str, timeout: float, **fields) -> dict | None:
-    """NAME's event called EVENT, or None if it does not come within TIMEOUT."""
-    try:
-        return lab.nodes[name].wait_event(event, timeout=timeout, **fields)
-    except AssertionError:
-        return None
-
-
-def first_byte(lab: NatLab, name: str) -> dict:
-    """One connection through hostb's tunnel port, timed by a client inside hostb."""
-    answer = lab.ping_through_tunnel(name, CONNECTION_TIMEOUT)
-    if answer["error"]:
-        raise RunFailed(f"tunnel client: {answer['error']}")
-    return answer
-
-
-def measure(lab: NatLab) -> dict:
-    values: dict = {"prefix": lab.prefix}
+def measure(lab: NatLab, client_ahead: float) -> dict:
+    """One lab through every situation: {situation: {"first_byte_s", "path"}}."""
     lab.up(timeout=120)
-    started = lab.start_tunnel_topology(START_TIMEOUT)
-    for name, ready in started.ready.items():
-        values[f"start_to_ready_{name}_ms"] = round((event_time(ready) - lab.nodes[name].started_at) * 1000, 1)
-    lab.expect("hosta", "relay reservation accepted", SETUP_TIMEOUT)
-    lab.expect("hosta", "service published", SETUP_TIMEOUT, service="echo")
-
-    first = first_byte(lab, "first client")
-    values["first_byte_first_connection_ms"] = first["first_byte_ms"]
-    opened = lab.expect("hostb", "client tunnel opened", 5)
-    values["setup_first_connection_ms"] = opened.get("setup_ms")
-    values["first_connection_path"] = opened.get("path")
-    resolved = lab.expect("hostb", "service resolved", 5, service="echo")
-    values["name_resolution_ms"] = resolved.get("duration_ms")
-    relay = maybe(lab, "hostb", "relay connected", 2)  # absent when the runtime does not log it
-    values["relay_connect_ms"] = relay.get("duration_ms") if relay else None
-    punch = lab.expect("hostb", "hole punch", PUNCH_TIMEOUT, peer=started.hosta_id)
-    values["hole_punch_outcome"] = punch.get("outcome")
-    values["hole_punch_ms"] = punch.get("duration_ms") if punch.get("outcome") == "direct" else None
-
-    second = first_byte(lab, "second client")
-    values["first_byte_after_punch_ms"] = second["first_byte_ms"]
-    opened = lab.expect("hostb", "client tunnel opened", 5, nth=2)
-    values["setup_after_punch_ms"] = opened.get("setup_ms")
-    values["after_punch_path"] = opened.get("path")
-    return values
+    results = {}
+    for situation in SITUATIONS:
+        node = lab.enact(situation, client_ahead=client_ahead)
+        before = lab.nodes["hostb"].count_events("client tunnel opened")
+        answer = lab.first_echo(situation, lab.started[node], PAYLOAD, CLIENT_TIMEOUT)
+        if answer["error"] is not None:
+            raise RunFailed(f"{situation}: {answer}")
+        opened = lab.expect("hostb", "client tunnel opened", 5, nth=before + 1)
+        results[situation] = {"first_byte_s": answer["first_byte_s"], "path": opened.get("path")}
+    return results
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -143,38 +90,44 @@ class signals_deferred:
 
 def summarize(runs: list[dict]) -> dict:
     summary = {}
-    for key, _ in METRICS:
-        samples = [r[key] for r in runs if isinstance(r.get(key), int | float)]
-        summary[key] = (
-            {"n": len(samples), "median": statistics.median(samples), "min": min(samples), "max": max(samples)}
-            if samples else {"n": 0, "median": None, "min": None, "max": None}
-        )
+    for situation in SITUATIONS:
+        samples = [r[situation]["first_byte_s"] for r in runs if situation in r]
+        paths = sorted({r[situation]["path"] for r in runs if situation in r})
+        target = TARGETS.get(situation, RECOVERY_TARGET)
+        summary[situation] = {
+            "n": len(samples),
+            "median": statistics.median(samples) if samples else None,
+            "min": min(samples) if samples else None,
+            "max": max(samples) if samples else None,
+            "paths": paths,
+            "target": target,
+            "result": None if not samples else ("pass" if statistics.median(samples) <= target else "miss"),
+        }
     return summary
 
 
-def print_summary(runs: list[dict], summary: dict, failures: list[dict], requested: int) -> None:
-    print(f"\n{len(runs)} of {requested} runs completed (MASQUERADE NATs)\n")
-    print(f"{'measurement':34} {'n':>3} {'median ms':>11} {'min ms':>10} {'max ms':>10}")
-    for key, label in METRICS:
-        s = summary[key]
+def print_summary(nat: str, summary: dict, runs: int, requested: int) -> None:
+    print(f"\n{nat} NATs: {runs} of {requested} runs completed")
+    print(f"{'situation (s from the last start to the first byte)':52} {'n':>2} {'median':>7} {'min':>6} {'max':>6}"
+          f" {'target':>7}  result  path")
+    for situation, s in summary.items():
         if s["n"]:
-            print(f"{label:34} {s['n']:>3} {s['median']:>11.1f} {s['min']:>10.1f} {s['max']:>10.1f}")
+            print(f"{situation:52} {s['n']:>2} {s['median']:>7.2f} {s['min']:>6.2f} {s['max']:>6.2f}"
+                  f" {s['target']:>6.0f}s  {s['result']:6}  {','.join(map(str, s['paths']))}")
         else:
-            print(f"{label:34} {0:>3} {'n/a':>11} {'n/a':>10} {'n/a':>10}")
-    outcomes = [r.get("hole_punch_outcome") for r in runs]
-    paths = [r.get("after_punch_path") for r in runs]
-    print(f"\nhole punch outcomes: {outcomes}; tunnel path after the punch: {paths}")
-    for failure in failures:
-        print(f"run {failure['run']} failed: {failure['error']}")
+            print(f"{situation:52} {0:>2} {'n/a':>7}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="number of fresh labs to measure (default 5)")
+    parser.add_argument("--runs", type=int, default=5, help="fresh labs per NAT kind (default 5)")
+    parser.add_argument("--nat", default="cone,symmetric", help="NAT kinds to measure (default cone,symmetric)")
+    parser.add_argument("--client-ahead", type=float, default=20.0, help="situation 4: seconds the client runs alone")
     parser.add_argument("--json", metavar="FILE", help="also write every run's values and the summary here")
     args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    kinds = [k.strip() for k in args.nat.split(",") if k.strip()]
+    if args.runs < 1 or not kinds or any(k not in ("cone", "symmetric") for k in kinds):
+        parser.error("--runs must be at least 1 and --nat a list of cone, symmetric")
     if os.geteuid() != 0:
         print("bench_nat: must run as root (network namespaces)", file=sys.stderr)
         return 2
@@ -185,46 +138,41 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl+C, so the lab is torn down
     workdir = Path(tempfile.mkdtemp(prefix="punchgate-bench-nat-"))
-    runs: list[dict] = []
-    failures: list[dict] = []
-    interrupted = False
+    report: dict = {}
+    failed = interrupted = False
     try:
-        for number in range(1, args.runs + 1):
-            lab = NatLab(workdir, "pgb", failure=RunFailed)
-            started = time.monotonic()
-            try:
-                values = measure(lab)
-                values["run"] = number
-                runs.append(values)
-                print(
-                    f"run {number}: ready a/b {values['start_to_ready_hosta_ms']}/{values['start_to_ready_hostb_ms']} ms, "
-                    f"resolve {values['name_resolution_ms']} ms, relay {values['relay_connect_ms']} ms, "
-                    f"punch {values['hole_punch_outcome']} {values['hole_punch_ms']} ms, first byte "
-                    f"{values['first_byte_first_connection_ms']} / {values['first_byte_after_punch_ms']} ms "
-                    f"({time.monotonic() - started:.1f} s)",
-                    flush=True,
-                )
-            except RunFailed as exc:
-                failures.append({"run": number, "error": str(exc)})
-                print(f"run {number} FAILED: {exc}\n{lab.report(last=40)}", file=sys.stderr, flush=True)
-            finally:
-                with signals_deferred():
-                    down = lab.close()
-                    if down is not None and down.returncode != 0:
-                        print(f"warning: lab {lab.prefix} down failed: {down.stderr.strip()}", file=sys.stderr)
+        for kind in kinds:
+            runs: list[dict] = []
+            failures: list[dict] = []
+            for number in range(1, args.runs + 1):
+                lab = NatLab(workdir, "pgb", symmetric=kind == "symmetric", failure=RunFailed)
+                started = time.monotonic()
+                try:
+                    values = measure(lab, args.client_ahead)
+                    runs.append(values)
+                    figures = ", ".join(f"{s}: {v['first_byte_s']} s {v['path']}" for s, v in values.items())
+                    print(f"{kind} run {number} ({time.monotonic() - started:.0f} s): {figures}", flush=True)
+                except RunFailed as exc:
+                    failures.append({"run": number, "error": str(exc)})
+                    failed = True
+                    print(f"{kind} run {number} FAILED: {exc}\n{lab.report(last=40)}", file=sys.stderr, flush=True)
+                finally:
+                    with signals_deferred():
+                        down = lab.close()
+                        if down is not None and down.returncode != 0:
+                            print(f"warning: lab {lab.prefix} down failed: {down.stderr.strip()}", file=sys.stderr)
+            report[kind] = {"runs": runs, "failures": failures, "summary": summarize(runs)}
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted; lab removed", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    summary = summarize(runs)
-    print_summary(runs, summary, failures, args.runs)
+    for kind, result in report.items():
+        print_summary(kind, result["summary"], len(result["runs"]), args.runs)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"runs": runs, "failures": failures, "summary": summary, "nat": "masquerade"}, indent=2) + "\n"
-        )
-    return 1 if failures or interrupted else 0
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if failed or interrupted else 0
 
 
 if __name__ == "__main__":

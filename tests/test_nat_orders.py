@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import pytest
 
-from punchgate.devtools.natlab import NatLab
+from punchgate.devtools.natlab import SITUATIONS, NatLab
 
 PAYLOAD = 256 * 1024
 FIRST_LIMIT = 10.0  # all started at once -> first echoed byte (target 5 s; python start-up included)
@@ -63,22 +62,10 @@ def echo_after(lab: NatLab, what: str, node: str, limit: float, symmetric: bool)
 
 
 def run_situations(lab: NatLab, symmetric: bool) -> None:
-    lab.start_all_at_once()
-    echo_after(lab, "all started at once", "hostb", FIRST_LIMIT, symmetric)
-
-    lab.restart("hosta", port=4002)
-    echo_after(lab, "provider restarted on another port", "hosta", RECOVERY_LIMIT, symmetric)
-
-    lab.restart("pub")
-    echo_after(lab, "relay restarted", "pub", RECOVERY_LIMIT, symmetric)
-
-    lab.nodes["hosta"].kill()
-    lab.restart("hostb")
-    ahead_until = lab.started["hostb"] + CLIENT_AHEAD
-    lab.expect("hostb", "phase transition", 30, to_phase="ready")
-    time.sleep(max(0.0, ahead_until - time.time()))  # the situation itself: the client alone for 20 s
-    lab.restart("hosta")
-    echo_after(lab, f"client started {CLIENT_AHEAD:.0f} s before the provider", "hosta", RECOVERY_LIMIT, symmetric)
+    for situation in SITUATIONS:
+        node = lab.enact(situation, client_ahead=CLIENT_AHEAD)
+        limit = FIRST_LIMIT if situation == "all started at once" else RECOVERY_LIMIT
+        echo_after(lab, situation, node, limit, symmetric)
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["cone", "symmetric"])

@@ -39,6 +39,14 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 LAB_SCRIPT = SCRIPTS / "netns_lab.sh"
 ECHO_SERVER = SCRIPTS / "echo_server.py"
 
+# What tests/test_nat_orders.py and scripts/bench_nat.py put a lab through, in this order.
+SITUATIONS = (
+    "all started at once",
+    "provider restarted on another port",
+    "relay restarted",
+    "client started first",
+)
+
 PUB_IP = "100.64.0.10"
 NODE_PORT = 4001  # every node listens on /ip4/0.0.0.0/tcp/4001 in its namespace
 ECHO_PORT = 7777  # the echo server on hosta's 127.0.0.1
@@ -453,6 +461,28 @@ class NatLab:
         self.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
         self.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")
         return Started(bootstrap, pub_id, hosta_id, {})
+
+    def enact(self, situation: str, client_ahead: float = 20.0) -> str:
+        """Bring about one of :data:`SITUATIONS` (in that order, on one lab); returns the
+        node whose start the next connection's timing counts from."""
+        if situation == "all started at once":
+            self.start_all_at_once()
+            return "hostb"
+        if situation == "provider restarted on another port":
+            self.restart("hosta", port=NODE_PORT + 1)
+            return "hosta"
+        if situation == "relay restarted":
+            self.restart("pub")
+            return "pub"
+        if situation == "client started first":
+            self.nodes["hosta"].kill()
+            self.restart("hostb")
+            alone_until = self.started["hostb"] + client_ahead
+            self.expect("hostb", "phase transition", 30, to_phase="ready")
+            time.sleep(max(0.0, alone_until - time.time()))  # the situation itself: the client alone
+            self.restart("hosta")
+            return "hosta"
+        raise ValueError(f"unknown situation {situation!r}")
 
     def first_echo(self, name: str, since: float, size: int, timeout: float) -> dict:
         """A "first" client in hostb: connects as soon as it can, echoes SIZE bytes; its result

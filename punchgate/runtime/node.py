@@ -436,17 +436,8 @@ class Node:
         self.post(ev.DialSucceeded(peer_id, attempt, relay, limit))
 
     async def _hole_punch(self, peer_id: str, attempt: int) -> None:
-        started = trio.current_time()
         direct, reason = await self.puncher.punch(ID.from_base58(peer_id))
-        log.info(
-            "hole punch",
-            peer=peer_id,
-            outcome="direct" if direct else "failed",
-            duration_ms=round((trio.current_time() - started) * 1000, 1),
-            reason=reason,
-            fallback=None if direct else "relayed",
-        )
-        self.post(ev.PunchFinished(peer_id, attempt, direct, reason))
+        self.post(ev.PunchFinished(peer_id, attempt, direct, reason))  # the machine logs the outcome
 
     async def _open_stream(self, command: cmd.OpenStream) -> None:
         session, attempt, peer = command.session, command.attempt, command.peer_id

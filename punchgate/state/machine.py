@@ -280,7 +280,7 @@ def _on_connection_opened(state: NodeState, event: ev.ConnectionOpened, now: flo
     if link.direct > 0 and link.punch.status is PunchStatus.RUNNING:
         # The punch made its connection: whatever the library still does, we are done.
         assert link.punch.attempt is not None
-        commands.append(Cancel(link.punch.attempt))
+        commands += [Cancel(link.punch.attempt), _punch_note(link, now, "direct")]
         link = replace(link, punch=Punch())
     state = state.with_link(link)
     return replace(state, connected_peers=state.connected_peers | {event.peer_id}), commands
@@ -554,10 +554,22 @@ def _on_punch_finished(state: NodeState, event: ev.PunchFinished, now: float) ->
     if link.punch.attempt != event.attempt or link.punch.status is not PunchStatus.RUNNING:
         return state, []
     if event.direct:
-        punch = Punch()
-    else:
-        punch = Punch(PunchStatus.FAILED, retry_at=now + PUNCH_RETRY_AFTER, reason=event.reason or "no direct connection")
-    return state.with_link(replace(link, punch=punch)), []
+        return state.with_link(replace(link, punch=Punch())), [_punch_note(link, now, "direct")]
+    reason = event.reason or "no direct connection"
+    punch = Punch(PunchStatus.FAILED, retry_at=now + PUNCH_RETRY_AFTER, reason=reason)
+    return state.with_link(replace(link, punch=punch)), [_punch_note(link, now, "failed", reason)]
+
+
+def _punch_note(link: Link, now: float, outcome: str, reason: str | None = None) -> Note:
+    """The ``hole punch`` log event for the punch running on ``link``."""
+    assert link.punch.deadline is not None
+    took = now - (link.punch.deadline - PUNCH_TIMEOUT)
+    fields: tuple[tuple[str, object], ...] = (
+        ("peer", link.peer), ("outcome", outcome), ("duration_ms", round(took * 1000, 1)),
+    )
+    if outcome != "direct":
+        fields += (("reason", reason), ("fallback", "relayed"))
+    return Note("hole punch", fields)
 
 
 def _on_stream_accepted(state: NodeState, event: ev.StreamAccepted) -> Result:
@@ -676,9 +688,9 @@ def _expire(state: NodeState, now: float) -> Result:
         punch = link.punch
         if punch.status is PunchStatus.RUNNING and punch.deadline is not None and now >= punch.deadline:
             assert punch.attempt is not None
-            commands.append(Cancel(punch.attempt))
-            failed = Punch(PunchStatus.FAILED, retry_at=now + PUNCH_RETRY_AFTER,
-                           reason=f"no direct connection within {PUNCH_TIMEOUT:.0f} s")
+            reason = f"no direct connection within {PUNCH_TIMEOUT:.0f} s"
+            commands += [Cancel(punch.attempt), _punch_note(link, now, "failed", reason)]
+            failed = Punch(PunchStatus.FAILED, retry_at=now + PUNCH_RETRY_AFTER, reason=reason)
             state = state.with_link(replace(link, punch=failed))
     for session in state.sessions.values():
         if session.phase in (SessionPhase.OPEN, SessionPhase.CLOSED):
