@@ -21,13 +21,20 @@ import structlog
 LIBRARY_LOGGERS = ("py", "libp2p", "aioquic", "zeroconf", "async_service", "multiaddr", "quic", "trio_websocket")
 
 
-# Library loggers that report normal events as errors; silenced unless debugging.
-# circuit_v2.protocol logs "Error reading from hop stream" at the end of every hop stream.
-MISLEADING_LOGGERS = ("libp2p.relay.circuit_v2.protocol",)
-# Library error messages (logger, start of message) that report normal events: a DHT
-# query to a peer in client mode, which by design does not speak the DHT protocol.
-MISLEADING_MESSAGES = (("libp2p.host.basic_host", "Failed to open stream to peer"),)
-MISLEADING_DETAIL = "protocol not supported: /ipfs/kad/"
+# Library messages that report what our own events already report, at the right level
+# and in one line: a failed dial ("bootstrap dial failed", a session's reason), a peer
+# that does not speak a protocol (it is asked another way), a failed hole punch ("hole
+# punch"), a requester's broken AutoNAT or relay stream, the end of every hop stream.
+# They are shown only with PUNCHGATE_LOG=debug. (logger name or prefix, message start)
+REPORTED_BY_US: tuple[tuple[str, str], ...] = (
+    ("libp2p.transport.tcp.tcp", "Failed to open TCP stream"),
+    ("libp2p.transport.tcp.tcp", "Unexpected error opening TCP stream"),
+    ("libp2p.host.basic_host", "Failed to open stream to peer"),
+    ("libp2p.relay.circuit_v2.protocol", ""),
+    ("libp2p.relay.circuit_v2.dcutr", ""),
+    ("libp2p.relay.circuit_v2.transport", ""),
+    ("libp2p.host.autonat.autonat", "Error handling AutoNAT stream"),
+)
 
 
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
@@ -75,19 +82,15 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
 def _keep(record: logging.LogRecord, library_level: int) -> bool:
     if record.name.split(".", 1)[0] not in LIBRARY_LOGGERS:
         return True
-    if library_level > logging.DEBUG:
-        if record.name in MISLEADING_LOGGERS:
-            return record.levelno >= logging.CRITICAL
-        if _is_misleading(record):
-            return False
+    if library_level > logging.DEBUG and _reported_by_us(record):
+        return False
     return record.levelno >= library_level
 
 
-def _is_misleading(record: logging.LogRecord) -> bool:
-    for name, start in MISLEADING_MESSAGES:
-        if record.name == name:
-            message = record.getMessage()
-            if message.startswith(start) and MISLEADING_DETAIL in message:
+def _reported_by_us(record: logging.LogRecord) -> bool:
+    for name, start in REPORTED_BY_US:
+        if record.name == name or record.name.startswith(name + "."):
+            if not start or record.getMessage().startswith(start):
                 return True
     return False
 
