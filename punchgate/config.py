@@ -18,13 +18,13 @@ import multiaddr
 from punchgate import __version__
 from punchgate.specs import (
     ExposeSpec,
-    parse_interval,
     HostPort,
     SpecError,
     TunnelByNameSpec,
     TunnelSpec,
     parse_bootstrap_addr,
     parse_expose,
+    parse_interval,
     parse_listen_addr,
     parse_tunnel,
     parse_tunnel_by_name,

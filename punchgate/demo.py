@@ -103,8 +103,8 @@ def main() -> int:
             )
             say(f"   client log: bytes_to_remote={closed['bytes_to_remote']} "
                 f"bytes_from_remote={closed['bytes_from_remote']}")
-            say("   data path: you -> 127.0.0.1:%d -> client peer -> libp2p (Noise+Yamux over TCP)"
-                " -> provider peer -> echo server -> back" % port)
+            say(f"   data path: you -> 127.0.0.1:{port} -> client peer -> libp2p (Noise+Yamux over TCP)"
+                " -> provider peer -> echo server -> back")
             ok = reply == b"hello punchgate" and same
         finally:
             for name, proc in (("client", client), ("provider", provider)):

@@ -40,14 +40,14 @@ REPORTED_BY_US: tuple[tuple[str, str], ...] = (
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     stream = stream if stream is not None else sys.stderr
     numeric = logging.getLevelName(level.upper())
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer()
-        shared_tail = [structlog.processors.format_exc_info]
+        shared_tail: list[structlog.typing.Processor] = [structlog.processors.format_exc_info]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
         shared_tail = []
@@ -89,9 +89,9 @@ def _keep(record: logging.LogRecord, library_level: int) -> bool:
 
 def _reported_by_us(record: logging.LogRecord) -> bool:
     for name, start in REPORTED_BY_US:
-        if record.name == name or record.name.startswith(name + "."):
-            if not start or record.getMessage().startswith(start):
-                return True
+        ours = record.name == name or record.name.startswith(name + ".")
+        if ours and (not start or record.getMessage().startswith(start)):
+            return True
     return False
 
 

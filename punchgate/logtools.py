@@ -43,7 +43,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -190,14 +190,14 @@ def parse_timestamp(text: Any) -> float | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)  # structlog writes UTC
+        moment = moment.replace(tzinfo=UTC)  # structlog writes UTC
     return moment.timestamp()
 
 
 def iso(moment: float | None) -> str | None:
     if moment is None:
         return None
-    return datetime.fromtimestamp(moment, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_json_line(line: str, number: int) -> Event | None:
@@ -303,9 +303,10 @@ def _scan_value_end(text: str, start: int) -> int | None:
     while position < length:
         char = text[position]
         if char in "'\"":
-            position = _string_end(text, position)
-            if position is None:
+            end = _string_end(text, position)
+            if end is None:
                 return None
+            position = end
             continue
         if char in "([{" or (char == "<" and position == start):
             stack.append(_CLOSING[char])
@@ -383,7 +384,7 @@ def read_sections(lines: Iterable[str], source: str) -> list[Section]:
         if event is None:
             continued, in_traceback = _continues(line, in_traceback) if last_event else (False, False)
             current.lines += 1
-            if continued:
+            if continued and last_event is not None:
                 current.continuation += 1
                 detail = last_event.fields.get("detail")
                 last_event.fields["detail"] = line if not isinstance(detail, str) else f"{detail}\n{line}"
@@ -494,7 +495,7 @@ def fmt_seconds(seconds: float | None) -> str:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
         return f"{seconds:.2f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if minutes < 120:
         return f"{minutes} min {secs} s"
     hours, minutes = divmod(minutes, 60)
@@ -824,7 +825,10 @@ def _span(node: dict[str, Any]) -> str:
     first, last = node.get("first_time"), node.get("last_time")
     if not first or not last:
         return ""
-    seconds = parse_timestamp(last) - parse_timestamp(first)
+    start, end = parse_timestamp(first), parse_timestamp(last)
+    if start is None or end is None:
+        return ""
+    seconds = end - start
     return f"; {first} .. {last} ({fmt_seconds(seconds)})"
 
 

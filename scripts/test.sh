@@ -17,4 +17,5 @@ fi
 
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+./scripts/lint.sh  # ruff and mypy on punchgate/
 exec .venv/bin/python -m pytest "$@"

@@ -115,11 +115,13 @@ class JsNode:
         threading.Thread(target=self._collect_stderr, daemon=True).start()
 
     def _pump(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
     def _collect_stderr(self) -> None:
+        assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line.rstrip("\n"))
 

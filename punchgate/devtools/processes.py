@@ -49,6 +49,7 @@ class PunchgateProcess:
         q.put(None)
 
     def _collect_stdout(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.stdout.append(line)
 
@@ -90,8 +91,8 @@ class PunchgateProcess:
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 30.0) -> dict:
         """The first logged event (seen before or arriving within ``timeout``) matching ``predicate``."""
-        for line in self.lines:
-            event = self._parse(line)
+        for seen in self.lines:
+            event = self._parse(seen)
             if predicate(event):
                 return event
         deadline = time.monotonic() + timeout

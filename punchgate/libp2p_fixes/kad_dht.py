@@ -31,7 +31,8 @@ from __future__ import annotations
 import time
 
 import trio
-from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID as KAD_PROTOCOL_ID, QUERY_TIMEOUT
+from libp2p.kad_dht.common import ALPHA, QUERY_TIMEOUT
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.provider_store import ProviderStore
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
@@ -64,7 +65,7 @@ class FreshProviderStore(ProviderStore):
             candidates = candidates[ALPHA:]
             closer: list[ID] = []
 
-            async def ask(peer: ID) -> None:
+            async def ask(peer: ID, closer: list[ID] = closer) -> None:
                 asked.add(peer)
                 with trio.move_on_after(QUERY_TIMEOUT):
                     try:
@@ -104,7 +105,7 @@ class ServerOnlyKadDHT(KadDHT):
         pid = peer_id.peer_id if isinstance(peer_id, PeerInfo) else peer_id
         if not self.serves_dht(pid):
             return False
-        return await super().add_peer(peer_id, skip_server_mode_check=True)
+        return await super().add_peer(pid, skip_server_mode_check=True)
 
     async def find_providers_fresh(self, key: str, count: int = 20) -> list[PeerInfo]:
         store = self.provider_store

@@ -105,4 +105,4 @@ class LeanNetStream(NetStream):
 
 def install() -> None:
     """Make every swarm connection wrap its streams in ``LeanNetStream``."""
-    swarm_connection.NetStream = LeanNetStream
+    swarm_connection.NetStream = LeanNetStream  # type: ignore[misc]  # the rebinding this module exists for

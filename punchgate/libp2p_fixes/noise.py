@@ -119,7 +119,7 @@ class NoiseSession(SecureSession):
                 f"TCP connection reset by remote peer: {error}", transport="tcp"
             ) from error
 
-    async def _fill(self, need: int) -> None:
+    async def _fill(self, need: int) -> None:  # type: ignore[override]  # ours reads; the library's parses
         """Make at least ``need`` unread ciphertext bytes available in the buffer."""
         while self._rend - self._rstart < need:
             if self._rstart == self._rend:
@@ -296,4 +296,4 @@ async def _read_exactly(session: SecureSession, n: int) -> bytes:
 
 def install() -> None:
     """Make the Noise handshake hand over to ``NoiseSession``."""
-    noise_patterns.SecureSession = NoiseSession
+    noise_patterns.SecureSession = NoiseSession  # type: ignore[misc]  # the rebinding this module exists for

@@ -119,4 +119,4 @@ class BackpressureYamuxStream(YamuxStream):
 
 def install() -> None:
     """Make every Yamux connection build ``BackpressureYamuxStream`` streams."""
-    yamux_module.YamuxStream = BackpressureYamuxStream
+    yamux_module.YamuxStream = BackpressureYamuxStream  # type: ignore[misc]  # the rebinding this module exists for

@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import trio
 from libp2p.io.exceptions import IOException
@@ -187,6 +187,7 @@ class FlowYamuxStream(BackpressureYamuxStream):
     """Stream of a ``FlowYamux``: big window, rare updates, batched writes."""
 
     max_frame_payload = FRAME_PAYLOAD
+    conn: FlowYamux
 
     def __init__(self, stream_id: int, conn: Any, is_initiator: bool) -> None:
         super().__init__(stream_id, conn, is_initiator)
@@ -216,7 +217,7 @@ class FlowYamuxStream(BackpressureYamuxStream):
                 await self._wait_for_send_window()
                 # No await from here to the queueing: the window is debited
                 # exactly for the frames the sender will write.
-                frames = []
+                frames: list[tuple[bytes, bytes | memoryview]] = []
                 while sent < total and self.send_window > 0 and (
                     len(frames) < WRITE_BATCH or total - sent <= SMALL_TAIL
                 ):
@@ -241,7 +242,7 @@ class FlowYamuxStream(BackpressureYamuxStream):
             return b""
         conn = self.conn
         while True:
-            buffer = conn.stream_buffers.get(self.stream_id)
+            buffer = cast(ChunkBuffer | None, conn.stream_buffers.get(self.stream_id))
             if buffer:
                 # Nothing below awaits: a cancelled read never loses taken bytes.
                 data = buffer.take(n)
@@ -282,7 +283,7 @@ class FlowYamux(Yamux):
         super().__init__(*args, **kwargs)
         # Only the sender writes (or a writer before the sender exists), and its
         # socket send yields: taking the lock need not be a scheduler pass too.
-        self._write_lock = InnerLock()
+        self._write_lock = InnerLock()  # type: ignore[assignment]  # the same interface, no scheduler pass
         self._outbox: deque[_Queued] = deque()
         self._outbox_ready = trio.Event()
         self._queued_ping_replies = 0
@@ -363,7 +364,7 @@ class FlowYamux(Yamux):
                 for queued in done:
                     queued.sent.set()  # type: ignore[union-attr]
                 done.clear()
-        except Exception as error:  # noqa: BLE001 - a failed write ends the connection
+        except Exception as error:
             self._sender_gone = repr(error)
             level = logging.DEBUG if isinstance(error, _CONNECTION_GONE) else logging.WARNING
             logger.log(level, "yamux: sending to %s failed: %r", self.peer_id, error)
@@ -371,7 +372,7 @@ class FlowYamux(Yamux):
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
                     await self.secured_conn.close()
-                except Exception as close_error:  # noqa: BLE001 - closed either way
+                except Exception as close_error:
                     logger.debug("yamux: closing %s: %r", self.peer_id, close_error)
         finally:
             if self._sender_gone is None:
@@ -445,7 +446,7 @@ class FlowYamux(Yamux):
                 version, typ, flags, stream_id, length = _HEADER.unpack(header)
                 if version != 0:
                     raise MuxedStreamError(f"unsupported yamux version {version}")
-                if typ == TYPE_DATA or typ == TYPE_WINDOW_UPDATE:
+                if typ in (TYPE_DATA, TYPE_WINDOW_UPDATE):
                     body: bytes | memoryview = b""
                     if typ == TYPE_DATA and length:
                         if length > RECEIVE_WINDOW:
@@ -465,7 +466,7 @@ class FlowYamux(Yamux):
                     raise MuxedStreamError(f"unknown yamux frame type {typ}")
         except _CONNECTION_GONE as error:
             logger.debug("yamux: connection to %s ends: %r", self.peer_id, error)
-        except Exception as error:  # noqa: BLE001 - every failure ends the connection
+        except Exception as error:
             level = logging.DEBUG if self.event_shutting_down.is_set() else logging.WARNING
             logger.log(level, "yamux: closing connection to %s: %r", self.peer_id, error)
         await self._cleanup_on_error()
@@ -480,12 +481,13 @@ class FlowYamux(Yamux):
                 return
             stream = accepted = self._register(stream_id, False)
         else:
-            stream = self.streams.get(stream_id)
-            if stream is None:
+            found = self.streams.get(stream_id)
+            if found is None:
                 return  # late frame for a stream we already dropped
+            stream = cast(FlowYamuxStream, found)
         if typ == TYPE_DATA:
             if body and not stream.recv_closed:
-                if isinstance(body, memoryview) and 2 * len(body) < len(body.obj):
+                if isinstance(body, memoryview) and 2 * len(body) < len(body.obj):  # type: ignore[arg-type]  # bytes or bytearray
                     # A small body would pin its whole decrypted message while queued.
                     body = bytes(body)
                 self.stream_buffers[stream_id].extend(body)
@@ -530,4 +532,4 @@ class FlowYamux(Yamux):
 
 def install() -> None:
     """Make muxer negotiation build ``FlowYamux`` for ``/yamux/1.0.0``."""
-    muxer_multistream.Yamux = FlowYamux
+    muxer_multistream.Yamux = FlowYamux  # type: ignore[misc]  # the rebinding this module exists for

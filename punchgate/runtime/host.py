@@ -28,7 +28,6 @@ import socket
 from collections.abc import Sequence
 
 import multiaddr
-import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn
 from libp2p.connection_types import ConnectionType

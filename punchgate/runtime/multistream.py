@@ -84,7 +84,7 @@ async def _read_multistream_messages(stream: INetStream, count: int) -> tuple[li
 def _split_message(buffer: bytes) -> tuple[bytes, bytes] | None:
     """The first complete message in ``buffer`` (without its newline) and the rest, or None."""
     length = shift = 0
-    for index, byte in enumerate(buffer[:10]):
+    for index, byte in enumerate(buffer[:10]):  # noqa: B007 - index is read after the loop
         length |= (byte & 0x7F) << shift
         shift += 7
         if not byte & 0x80:

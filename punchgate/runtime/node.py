@@ -61,7 +61,6 @@ from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
-from punchgate.specs import transport_of
 from punchgate.state import NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev

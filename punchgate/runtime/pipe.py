@@ -44,7 +44,7 @@ async def pipe(
         while True:
             data = await local.receive_some(CHUNK)
             if not data:
-                await remote.close_write()
+                await remote.close_write()  # type: ignore[attr-defined]  # NetStream has it; the interface does not say
                 return
             await remote.write(data)
             result.to_remote += len(data)

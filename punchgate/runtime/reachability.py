@@ -199,14 +199,16 @@ async def _autonat(host: IHost, conn: INetConn, ports: list[int]) -> Verdict:
     with trio.fail_after(AUTONAT_TIMEOUT):
         stream, early = await open_stream_on(conn, AUTONAT_PROTOCOL_ID, encode_varint_prefixed(request.SerializeToString()))
         try:
-            data = await read_varint_prefixed_bytes_limited(_Prefixed(stream, early), MAX_AUTONAT_MESSAGE)
+            data = await read_varint_prefixed_bytes_limited(_Prefixed(stream, early), MAX_AUTONAT_MESSAGE)  # type: ignore[arg-type]  # it only reads
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await stream.close()
     answer = AutonatMessage()
     answer.ParseFromString(data)
     status = answer.dialResponse.status
-    details = {"status": AutonatMessage.ResponseStatus.Name(status), "text": answer.dialResponse.statusText}
+    details: dict[str, str | None] = {
+        "status": AutonatMessage.ResponseStatus.Name(status), "text": answer.dialResponse.statusText
+    }
     if status == AutonatMessage.OK:
         details["dialed"] = str(multiaddr.Multiaddr(answer.dialResponse.addr)) if answer.dialResponse.addr else None
         return Verdict(NatStatus.PUBLIC, "autonat", details=details)

@@ -15,6 +15,7 @@ decision falls due.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import assert_never
 
@@ -50,7 +51,6 @@ from punchgate.state.model import (
     Dial,
     Link,
     Name,
-    Nat,
     NatStatus,
     NodeState,
     Phase,
@@ -617,7 +617,7 @@ def _back_to_resolving(session: Session, error: str) -> Session:
     )
 
 
-def _session_errors(state: NodeState, which, error: str) -> NodeState:
+def _session_errors(state: NodeState, which: Callable[[Session], bool], error: str) -> NodeState:
     for session in state.sessions.values():
         if session.phase is not SessionPhase.OPEN and which(session):
             state = state.with_session(replace(session, errors=(*session.errors, error)[-MAX_ERRORS:]))
@@ -753,10 +753,11 @@ def _advance_relay(state: NodeState, now: float) -> Result:
                        deadline=now + RESERVE_TIMEOUT)
         return replace(state, relay=slot), [ReserveRelay(relay, attempt)]
     if slot.status is RelayStatus.RESERVED and not slot.renewing and slot.renew_at is not None and now >= slot.renew_at:
-        assert slot.relay_peer_id is not None
+        relay_id = slot.relay_peer_id
+        assert relay_id is not None
         state, attempt = state.mint()
         slot = replace(slot, renewing=True, attempt=attempt, deadline=now + RESERVE_TIMEOUT)
-        return replace(state, relay=slot), [ReserveRelay(slot.relay_peer_id, attempt)]
+        return replace(state, relay=slot), [ReserveRelay(relay_id, attempt)]
     return state, []
 
 
@@ -828,11 +829,11 @@ def _resolve(state: NodeState, session: Session, now: float) -> Result:
         # The one peer failed this round: try it again after a pause.
         return state.with_session(replace(session, retry_at=now + backoff(session.rounds + 1, SESSION_BACKOFF))), []
     name = state.names.get(session.service, Name(session.service))
-    if name.providers and set(name.providers) <= session.refused:
-        if name.found_at is not None and name.found_at > session.started_at:
-            # Every provider, freshly looked up, said no.
-            reason = "; ".join(session.errors) or "every provider refused"
-            return _close(state, session, "client tunnel rejected", reason)
+    looked_up_since = name.found_at is not None and name.found_at > session.started_at
+    if name.providers and set(name.providers) <= session.refused and looked_up_since:
+        # Every provider, freshly looked up, said no.
+        reason = "; ".join(session.errors) or "every provider refused"
+        return _close(state, session, "client tunnel rejected", reason)
     if session.tried:
         # Everything known failed this round: pause, and look again meanwhile.
         session = replace(session, retry_at=now + backoff(session.rounds + 1, SESSION_BACKOFF))

@@ -8,15 +8,16 @@ tells the runtime when to wake the machine next.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from types import MappingProxyType
-from typing import Mapping, TypeVar
+from typing import Any, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-EMPTY: Mapping = MappingProxyType({})
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 
 def put(mapping: Mapping[K, V], key: K, value: V) -> Mapping[K, V]:
