@@ -22,7 +22,7 @@ async def wait_until(predicate, timeout: float, what: str) -> None:
 
 async def published(store, provider, name: str) -> None:
     """Wait until ``store``'s DHT holds ``provider``'s record for ``name``."""
-    key = service_key(name).encode()
+    key = bytes.fromhex(service_key(name))
 
     def stored() -> bool:
         return any(i.peer_id == provider.peer_id for i in store.discovery.dht.provider_store.get_providers(key))

@@ -484,10 +484,10 @@ class NatLab:
             return "hosta"
         raise ValueError(f"unknown situation {situation!r}")
 
-    def first_echo(self, name: str, since: float, size: int, timeout: float) -> dict:
-        """A "first" client in hostb: connects as soon as it can, echoes SIZE bytes; its result
-        (``first_byte_s`` counted from the Unix time SINCE)."""
-        return self._client_result(name, "first", str(TUNNEL_PORT), str(size), str(since), str(timeout), timeout=timeout)
+    def first_echo(self, name: str, since: float, size: int, timeout: float, port: int = TUNNEL_PORT) -> dict:
+        """A "first" client in hostb: connects to PORT as soon as it can, echoes SIZE bytes; its
+        result (``first_byte_s`` counted from the Unix time SINCE)."""
+        return self._client_result(name, "first", str(port), str(size), str(since), str(timeout), timeout=timeout)
 
     def expect(self, node: str, event: str, timeout: float, nth: int = 1, **fields) -> dict:
         """The ``nth`` event called ``event`` (with ``fields``) in NODE's log, waiting up to ``timeout``."""

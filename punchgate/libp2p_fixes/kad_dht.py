@@ -108,6 +108,7 @@ class ServerOnlyKadDHT(KadDHT):
         return await super().add_peer(pid, skip_server_mode_check=True)
 
     async def find_providers_fresh(self, key: str, count: int = 20) -> list[PeerInfo]:
+        """``key`` as ``provide`` takes it (here always a multihash in hex)."""
         store = self.provider_store
         assert isinstance(store, FreshProviderStore)
-        return await store.find_providers_fresh(key.encode(), count)
+        return await store.find_providers_fresh(bytes.fromhex(key), count)

@@ -50,6 +50,17 @@ def _is_unhelpful(ip: str) -> bool:
     return parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified
 
 
+def is_unhelpful_addr(addr: multiaddr.Multiaddr) -> bool:
+    """A loopback, link-local or wildcard address: no use to another machine."""
+    found = _ip_of(addr)
+    return found is not None and _is_unhelpful(found[1])
+
+
+def is_unspecified_addr(addr: multiaddr.Multiaddr) -> bool:
+    found = _ip_of(addr)
+    return found is not None and ipaddress.ip_address(found[1]).is_unspecified
+
+
 def advertised(
     candidates: Iterable[multiaddr.Multiaddr],
     ips: list[str],

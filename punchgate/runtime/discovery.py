@@ -1,9 +1,12 @@
 """Finding services and peers: a Kademlia DHT on every node, plus mDNS on the LAN.
 
 Each exposed service NAME is announced as a DHT provider record under the key
-``/punchgate/svc/NAME`` (the raw bytes of that string, as the Rust original's
-``RecordKey::new`` does). A node that exposes services also announces itself under
-``/punchgate/peer/<its peer ID>``, so that a client given only a peer ID
+derived from ``/punchgate/svc/NAME``: the sha2-256 multihash of that string. Decision:
+a multihash, not the raw string the Rust original uses (``RecordKey::new``), because
+go- and js-libp2p DHT servers read provider keys as CIDs and refuse anything else (a
+sha2-256 multihash is a CIDv0); rust-libp2p and py-libp2p take any bytes. A node that
+exposes services also announces itself under ``/punchgate/peer/<its peer ID>`` (same
+derivation), so that a client given only a peer ID
 (``--tunnel PEER:SERVICE``) can learn how to reach it from any DHT, even one whose
 servers do not keep client-mode peers in their routing tables. Records carry the
 addresses our ``AddressBook`` advertises: a circuit address for a node behind NAT,
@@ -19,6 +22,8 @@ bootstrap peer at all.
 
 from __future__ import annotations
 
+import hashlib
+
 import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import DHTMode
@@ -29,6 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from punchgate.libp2p_fixes.kad_dht import ServerOnlyKadDHT
 from punchgate.logs import get_logger
 
+SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"  # multihash code 0x12 (sha2-256), 32-byte digest
 LOOKUP_TIMEOUT = 10.0
 PUBLISH_TIMEOUT = 30.0
 IDENTIFY_WAIT = 5.0  # how long join() waits for identify to tell whether a peer serves the DHT
@@ -36,12 +42,17 @@ IDENTIFY_WAIT = 5.0  # how long join() waits for identify to tell whether a peer
 log = get_logger("punchgate.discovery")
 
 
+def dht_key(text: str) -> str:
+    """The DHT key for ``text``: its sha2-256 multihash (a CIDv0), hex as the library takes it."""
+    return (SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(text.encode()).digest()).hex()
+
+
 def service_key(name: str) -> str:
-    return f"/punchgate/svc/{name}"
+    return dht_key(f"/punchgate/svc/{name}")
 
 
 def peer_key(peer_id: ID | str) -> str:
-    return f"/punchgate/peer/{peer_id}"
+    return dht_key(f"/punchgate/peer/{peer_id}")
 
 
 class Discovery:

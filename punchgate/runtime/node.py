@@ -366,14 +366,14 @@ class Node:
     async def _publish(self, names: tuple[str, ...], attempt: int) -> None:
         ok = True
         addresses = [str(a) for a in self.host.get_addrs()]
-        for key in [*(service_key(n) for n in names), peer_key(self.peer_id)]:
+        for name, key in [*((n, service_key(n)) for n in names), (None, peer_key(self.peer_id))]:
             started = trio.current_time()
             published = await self.discovery.publish(key)
             ok = ok and published
-            if key.startswith("/punchgate/svc/"):
+            if name is not None:
                 log.info(
                     "service published" if published else "service publication failed",
-                    service=key.removeprefix("/punchgate/svc/"),
+                    service=name,
                     key=key,
                     addresses=addresses,
                     duration_ms=round((trio.current_time() - started) * 1000, 1),

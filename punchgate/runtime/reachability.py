@@ -57,6 +57,8 @@ MIN_INTERVAL = 10.0
 MAX_PORTS = 4
 AUTONAT_TIMEOUT = 20.0
 MAX_AUTONAT_MESSAGE = 8 * 1024
+IDENTIFY_WAIT = 3.0
+IDENTIFY_POLL = 0.05
 
 log = get_logger("punchgate.reachability")
 
@@ -144,6 +146,9 @@ async def check(host: IHost, server: ID, on_mapping: Callable[[bool], None] = la
     ports = _tcp_listen_ports(host)
     if not ports:
         return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP listen address"})
+    keeps = await _mapping_from_identify(host, conn)
+    if keeps is not None:
+        on_mapping(keeps)
     for protocol in (PROTOCOL_ID, PROTOCOL_V1):
         try:
             return await _dialback(conn, ports, protocol, on_mapping)
@@ -231,6 +236,32 @@ class _Prefixed:
             data, self.early = self.early[:size], self.early[size:]
             return data
         return await self.stream.read(n)
+
+
+async def _mapping_from_identify(host: IHost, conn: INetConn) -> bool | None:
+    """Whether our NAT keeps ports, from the address the peer's identify says it sees us
+    at on ``conn`` (every libp2p node sends it), compared with our end of ``conn``.
+
+    Identify runs as the connection opens; there is no event for its answer, so this
+    looks for it every :data:`IDENTIFY_POLL` s, at most :data:`IDENTIFY_WAIT` s."""
+    local = _local_address_of(conn)
+    manager = getattr(host, "_observed_addr_manager", None)
+    if local is None or manager is None:
+        return None
+    with trio.move_on_after(IDENTIFY_WAIT):
+        while True:
+            seen = manager._conn_observations.get(id(conn))  # (local, observed, group, ref)
+            if seen is not None and seen[3]() is conn:
+                port = str(seen[1]).rstrip("/").rpartition("/")[2]
+                return int(port) == local[1] if port.isdigit() else None
+            await trio.sleep(IDENTIFY_POLL)
+    return None
+
+
+def _local_address_of(conn: INetConn) -> tuple[str, int] | None:
+    secured = getattr(conn.muxed_conn, "secured_conn", None)
+    get_local = getattr(secured, "get_local_address", None)
+    return get_local() if callable(get_local) else None
 
 
 def _direct_connection(host: IHost, peer: ID) -> INetConn | None:

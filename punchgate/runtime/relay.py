@@ -30,6 +30,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.libp2p_fixes.relay_hop import RelayHop
+from punchgate.runtime.addresses import is_unhelpful_addr, is_unspecified_addr
 from punchgate.runtime.host import dial_direct
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.state.model import Limit
@@ -102,12 +103,13 @@ class Relays:
         return conn, _limit(answer)
 
     def circuit_addrs(self, relay_id: ID) -> list[multiaddr.Multiaddr]:
-        """``<relay's TCP address>/p2p/<relay>/p2p-circuit`` for each address we know it by."""
+        """``<relay's TCP address>/p2p/<relay>/p2p-circuit`` for each address others can
+        reach it at (the relay's loopback and link-local addresses only if it has no other)."""
+        tcp = [without_peer_id(a) for a in self.host.get_peerstore().addrs(relay_id) if transport_of(a) == "tcp"]
+        useful = [a for a in tcp if not is_unhelpful_addr(a)]
         result = []
-        for addr in self.host.get_peerstore().addrs(relay_id):
-            if transport_of(addr) != "tcp" or str(addr).startswith(("/ip4/0.0.0.0/", "/ip6/::/")):
-                continue
-            circuit = multiaddr.Multiaddr(f"{without_peer_id(addr)}/p2p/{relay_id}/p2p-circuit")
+        for addr in useful or [a for a in tcp if not is_unspecified_addr(a)]:
+            circuit = multiaddr.Multiaddr(f"{addr}/p2p/{relay_id}/p2p-circuit")
             if circuit not in result:
                 result.append(circuit)
         return result
