@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import trio
 from libp2p.abc import INetStream
 
@@ -60,7 +58,7 @@ class TunnelService:
             await _refuse(stream, peer, service, f"service {service!r} at {target} unreachable: {exc or 'timeout'}")
             return
 
-        started = time.monotonic()
+        started = trio.current_time()
         try:
             await stream.write(encode_response(TunnelResponse(True)))
         except Exception as exc:
@@ -81,7 +79,7 @@ class TunnelService:
                 service=service,
                 bytes_to_service=result.from_remote,
                 bytes_from_service=result.to_remote,
-                duration_s=round(time.monotonic() - started, 3),
+                duration_s=round(trio.current_time() - started, 3),
                 error=result.error,
                 interrupted=result.interrupted,
             )
