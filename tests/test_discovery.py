@@ -194,3 +194,27 @@ async def test_mdns_finds_a_peer_on_the_lan_and_tunnels_by_name():
                     assert reply == b""
                     await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
+
+
+async def test_on_trios_clock_a_client_waits_for_a_provider_started_20_s_later(mock_clock):
+    """The whole node runs on trio's one clock: here a mock clock that jumps ahead when all
+    nodes wait. A client's user connects; the provider starts 20 s (of trio time) later;
+    the held connection goes through, well within the 30 s connect timeout."""
+    mock_clock.autojump_threshold = 0.1  # real seconds of quiet before the clock jumps
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            boot = await start_node(nursery)
+            port = free_port()
+            await start_node(
+                nursery, bootstrap=(address_of(boot),), tunnels_by_name=(TunnelByNameSpec("late", HostPort("127.0.0.1", port)),)
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            connected_at = trio.current_time()
+            await stream.send_all(b"anyone there?")
+            await trio.sleep(20)  # the situation under test: nobody provides "late" for 20 s
+            await provider(nursery, boot, name="late")
+            assert await stream.receive_some(100) == b"anyone there?"
+            waited = trio.current_time() - connected_at
+            assert 20 <= waited < 30, waited
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
