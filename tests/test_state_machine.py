@@ -11,7 +11,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from punchgate.state import Limit, NatStatus, NodeState, Phase, RelayStatus, SessionPhase, backoff, next_wakeup, transition
+from punchgate.state import KnownPeer, Limit, NatStatus, NodeState, Phase, RelayStatus, SessionPhase, backoff, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.state.machine import (
@@ -98,7 +98,8 @@ def test_joining_until_a_bootstrap_peer_answers_then_check_reserve_and_publish()
     assert run.state.phase is Phase.READY
     kinds = [type(c) for c in commands]
     # Joined: the DHT, a check of our reachability, and at once a relay slot (we may be private).
-    assert kinds == [cmd.JoinDht, cmd.CheckReachability, cmd.ReserveRelay]
+    assert kinds == [cmd.JoinDht, cmd.Remember, cmd.CheckReachability, cmd.ReserveRelay]
+    assert run.one(cmd.Remember, commands) == cmd.Remember("boot2", None, (), bootstrap=True)
     reserve = run.one(cmd.ReserveRelay)
     commands = run(ev.RelayReserved("boot2", reserve.attempt, 3600, BIG), 0.05)
     assert cmd.Advertise(direct=False, relay="boot2") in commands
@@ -220,7 +221,9 @@ def test_by_name_through_a_relay_then_direct_after_the_punch():
     opened = run.last(cmd.OpenStream)
     assert opened.relay is None and opened.session == 1  # the direct connection
     run(ev.PunchFinished(PROVIDER, punch.attempt, True))
-    assert run(ev.StreamAccepted(1, opened.attempt)) == [cmd.StartPipe(1, opened.attempt)]
+    assert run(ev.StreamAccepted(1, opened.attempt)) == [
+        cmd.StartPipe(1, opened.attempt), cmd.Remember(PROVIDER, "echo", (CIRCUIT.split("/p2p/" + PROVIDER)[0],), False)
+    ]
     assert run.state.sessions[1].phase is SessionPhase.OPEN
 
 
@@ -580,3 +583,16 @@ def test_a_lookup_result_for_a_name_teaches_the_link_its_addresses():
     link = run.state.links[PROVIDER]
     assert link.direct_addrs == (DIRECT_ADDR,) and link.relays == (("boot1", ("/ip4/100.64.0.10/tcp/4001",)),)
     assert replace(link, addrs_at=None).addrs_at is None
+
+
+def test_peers_known_from_an_earlier_run_are_tried_without_a_look_up():
+    known = (
+        KnownPeer(PROVIDER, (DIRECT_ADDR,), ("echo",)),
+        KnownPeer("oldboot", ("/ip4/198.51.100.9/tcp/4001",), (), bootstrap=True),
+    )
+    run = Run(NodeState.initial(BOOT[:1], (), known=known))
+    dials = run(ev.ListenersReady(("a",)))
+    assert {d.peer_id for d in dials if isinstance(d, cmd.DialBootstrap)} == {"boot1", "oldboot"}
+    commands = run(ev.SessionStarted(1, "echo"), 0.1)
+    assert run.one(cmd.DialDirect, commands).addrs == (DIRECT_ADDR,)  # at once, from memory
+    assert any(isinstance(c, cmd.LookupService) for c in commands)  # and the network asked meanwhile

@@ -445,6 +445,15 @@ class NatLab:
         """Kill NAME (SIGKILL, by PID) and start it again with the same identity and flags,
         listening on PORT; returns the new process (its start time is ``started[name]``)."""
         self.nodes[name].kill()
+        return self.start_again(name, port=port)
+
+    def stop(self, name: str, timeout: float = 15) -> int:
+        """Stop NAME as a user would (SIGTERM, by PID); its exit status."""
+        code, _ = self.nodes[name].terminate_and_wait(timeout)
+        return code
+
+    def start_again(self, name: str, *, port: int = NODE_PORT) -> PunchgateProcess:
+        """Start NAME (stopped) again: same namespace, identity and flags, listening on PORT."""
         role, args = self._how[name]
         return self.node(name, role, *args, port=port)
 

@@ -34,6 +34,9 @@ Defects fixed:
   checks without it. Bound to ``swarm_connection.NetStream``.
 - ``host_addrs`` -- ``BasicHost.get_addrs`` turns a relay circuit address into
   the relay's socket labelled with our peer ID. Bound to ``BasicHost.get_addrs``.
+- ``auto_connector`` -- the swarm dials peers from the peerstore on its own (150 of
+  them with the low watermark at 0: its target is the watermarks' midpoint).
+  ``OffAutoConnector`` never starts. Bound to ``swarm.AutoConnector``.
 - ``kad_dht`` -- the DHT admits client-mode peers to its routing table, so
   lookups stall on unreachable peers. ``ServerOnlyKadDHT`` (used by discovery).
 - ``dcutr`` -- hole punching dials hopeless addresses first, can hang when QUIC
@@ -49,7 +52,7 @@ Defects fixed:
 
 from __future__ import annotations
 
-from punchgate.libp2p_fixes import host_addrs, net_stream, noise, yamux, yamux_flow
+from punchgate.libp2p_fixes import auto_connector, host_addrs, net_stream, noise, yamux, yamux_flow
 
 _installed = False
 
@@ -64,6 +67,7 @@ def install() -> None:
     noise.install()
     net_stream.install()
     host_addrs.install()
+    auto_connector.install()
     _installed = True
 
 

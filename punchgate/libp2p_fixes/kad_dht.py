@@ -17,12 +17,17 @@ Defects (``libp2p/kad_dht/``):
   that record back in 0.1 ms for two days, however often the provider republishes.
 * the same 48 hours on a DHT server: a provider that is gone for good is handed out
   for two days.
+* ``peer_routing.py`` ~196, ``find_closest_peers_network``: with fewer than a few peers
+  in the routing table it asks every connected peer and then every peer in the
+  peerstore, dialling peers that serve no DHT (a provider we are opening a tunnel to:
+  its second connection raced ours and the swarm closed one, under a live stream).
 
 Fix: :class:`ServerOnlyKadDHT` admits a peer to the routing table only if identify
 has shown that it serves the DHT protocol, and its provider store is a
 :class:`FreshProviderStore`: records held for others expire after
 :data:`RECORD_TTL`, and :meth:`FreshProviderStore.find_providers_fresh` always asks the
-network, caches nothing it learns, and adds only the records others published to us.
+network (DHT servers only: our routing table's, then the closer servers they name),
+caches nothing it learns, and adds only the records others published to us.
 Used by ``runtime/discovery.py``.
 """
 
@@ -58,7 +63,12 @@ class FreshProviderStore(ProviderStore):
         found: dict[ID, PeerInfo] = {info.peer_id: info for info in self.get_providers(key)}
         if self.peer_routing is None:
             return list(found.values())[:count]
-        candidates = list(await self.peer_routing.find_closest_peers_network(key))
+        # Only DHT servers are asked: our routing table's, then the closer ones they name.
+        # (The library's look-up falls back to every connected peer and the whole
+        # peerstore when the table is nearly empty, dialling peers that are not DHT
+        # servers, such as the provider a tunnel is being opened to: a second connection
+        # racing ours, one of which the swarm then closes under its streams.)
+        candidates = list(self.peer_routing.routing_table.find_local_closest_peers(key, count))
         asked: set[ID] = {self.local_peer_id}
         while candidates and len(found) < count:
             batch = [p for p in candidates[:ALPHA] if p not in asked]

@@ -10,10 +10,9 @@ Decisions:
   30 s, so QUIC stays available for what is safe (identify, ping, discovery) while
   tunnels open their streams with ``runtime/multistream.open_stream_on`` on the
   connection the state machine chose, never on one the swarm picks.
-* **No dial behind our back.** The swarm's auto-connector keeps 50 connections by
-  dialling every peer in the peerstore every 30 s (old addresses of restarted peers,
-  circuit addresses, DHT peers); who is dialled when is the state machine's decision,
-  so its watermarks are set to zero.
+* **No dial behind our back.** The swarm's auto-connector dials peers from the
+  peerstore on its own; who is dialled when is the state machine's decision, so it is
+  turned off (``libp2p_fixes/auto_connector.py``).
 * **Our dials are single attempts.** The swarm retries a failed dial three times on its
   own and, once every address of a peer failed, refuses to dial it again for 60 s (a
   negative cache). When to try again is the state machine's decision, so the swarm's
@@ -33,7 +32,7 @@ from libp2p.abc import IHost, INetConn
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
-from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -90,7 +89,6 @@ def build_host(
         enable_quic=wants_quic,
         negotiate_timeout=NEGOTIATE_TIMEOUT,
         addrs_factory=address_book if address_book is not None else AddressBook(),
-        connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
     )
     host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
     return host
@@ -103,6 +101,15 @@ def connection_transport(conn: INetConn) -> str:
     if isinstance(conn.muxed_conn, QUICConnection):
         return "quic"
     return "tcp"
+
+
+def known_addrs(host: IHost, peer_id: ID) -> list[multiaddr.Multiaddr]:
+    """The peerstore's addresses for ``peer_id`` (none when it does not know the peer: the
+    peerstore raises for an unknown one)."""
+    try:
+        return list(host.get_peerstore().addrs(peer_id))
+    except Exception:  # PeerStoreError
+        return []
 
 
 def relay_of(conn: INetConn) -> str | None:

@@ -36,9 +36,10 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from punchgate import memory
 from punchgate.config import Config
 from punchgate.logs import get_logger
-from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.holepunch import HolePuncher
@@ -48,6 +49,7 @@ from punchgate.runtime.host import (
     check_ports_free,
     connection_transport,
     dial_direct,
+    known_addrs,
     live_connection,
     relay_of,
 )
@@ -61,7 +63,8 @@ from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
-from punchgate.state import NodeState, Phase, next_wakeup, transition
+from punchgate.specs import transport_of, without_peer_id
+from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.state.model import NatStatus
@@ -72,6 +75,7 @@ log = get_logger("punchgate.node")
 PEERSTORE_TTL = 365 * 24 * 3600  # addresses given by the user do not expire
 LEARNT_TTL = 600  # addresses learnt from records and identify are hints
 CLOSE_TIMEOUT = 3.0  # closing our connections at shutdown
+MEMORY_INTERVAL = 2.0  # the memory of peers is written at most this often
 
 
 class Node:
@@ -83,13 +87,23 @@ class Node:
         self.registry = SessionRegistry()
         self.sessions = SessionTable()
         self.bootstrap_addrs = _group_by_peer(config.bootstrap)
+        self.memory_path = memory.path_for(config.identity)
+        self.memory, warning = memory.load(self.memory_path, str(self.peer_id))
+        if warning is not None:
+            log.warning("peer memory set aside", reason=warning)
+        configured = tuple(self.bootstrap_addrs)
+        for known in self.memory.peers.values():  # bootstrap peers that answered before
+            if known.bootstrap and known.peer_id not in self.bootstrap_addrs and known.addrs:
+                self.bootstrap_addrs[known.peer_id] = [multiaddr.Multiaddr(a) for a in known.addrs]
         self.state = NodeState.initial(
-            tuple(self.bootstrap_addrs),
+            configured,
             tuple(s.name for s in config.expose),
             shutdown_grace=config.shutdown_grace,
             republish_interval=config.republish_interval,
             connect_timeout=config.connect_timeout,
+            known=tuple(KnownPeer(k.peer_id, k.addrs, k.services, k.bootstrap) for k in self.memory.peers.values()),
         )
+        self._memory_dirty = trio.Event()
         self._events_in, self._events_out = trio.open_memory_channel[ev.Event](math.inf)
         self._nursery: trio.Nursery | None = None
         self._work: dict[int, trio.CancelScope] = {}  # attempt ID -> the scope of its task
@@ -138,6 +152,7 @@ class Node:
                     nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
                 await nursery.start(self._watch_signals)  # before anyone can see us ready
                 nursery.start_soon(Pinger(self.host).run)
+                nursery.start_soon(self._keep_memory)
                 me = multiaddr.Multiaddr(f"/p2p/{self.peer_id}")
                 addresses = tuple(str(a.encapsulate(me)) for a in self.host.get_transport_addrs())
                 for address in addresses:
@@ -155,6 +170,26 @@ class Node:
                 for listener in client.listeners:
                     await listener.aclose()
         log.info("stopped", peer_id=str(self.peer_id))
+
+    async def _keep_memory(self) -> None:
+        """Write the memory of peers when it changed, at most every MEMORY_INTERVAL s, and
+        once more at the end."""
+        try:
+            while True:
+                await self._memory_dirty.wait()
+                self._memory_dirty = trio.Event()
+                await self._save_memory()
+                await trio.sleep(MEMORY_INTERVAL)
+        finally:
+            if self._memory_dirty.is_set():
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self._save_memory()
+
+    async def _save_memory(self) -> None:
+        try:
+            await trio.to_thread.run_sync(memory.save, self.memory_path, self.memory)
+        except OSError as exc:
+            log.warning("peer memory not saved", path=str(self.memory_path), reason=exc.strerror or str(exc))
 
     async def _close_connections(self) -> None:
         """Close every connection before the host stops, even when we are being cancelled.
@@ -192,7 +227,10 @@ class Node:
         if old.nat.status is not self.state.nat.status:
             log.info("nat status", status=self.state.nat.status.value, learnt_by=self.state.nat.learnt_by)
         for command in commands:
-            self._execute(command)
+            try:
+                self._execute(command)
+            except Exception as exc:  # a bug in our own code: say so, keep the node up
+                log.error("internal error", command=repr(command), error=repr(exc))
 
     # --- executing commands -------------------------------------------------------------
 
@@ -274,6 +312,15 @@ class Node:
                 scope = self._work.pop(attempt, None)
                 if scope is not None:
                     scope.cancel()
+            case cmd.Remember(peer_id=peer_id, service=service, addrs=addrs, bootstrap=bootstrap):
+                if bootstrap and not addrs:
+                    addrs = tuple(str(a) for a in self.bootstrap_addrs.get(peer_id, ()))
+                else:  # what else we know of the peer: identify's listen addresses, the addresses we dialled
+                    known = known_addrs(self.host, ID.from_base58(peer_id))
+                    dialable = [str(without_peer_id(a)) for a in known if transport_of(a) == "tcp" and not is_unhelpful_addr(a)]
+                    addrs = (*dialable, *addrs)
+                self.memory = self.memory.remember(peer_id, addrs, service, bootstrap, time.time())
+                self._memory_dirty.set()
             case cmd.Note(event=event, fields=fields, level=level):
                 getattr(log, level)(event, **dict(fields))
             case _:
@@ -311,7 +358,7 @@ class Node:
         try:
             with trio.fail_after(10):
                 if not self.host.get_network().get_connections(pid):
-                    await dial_direct(self.host, pid, self.host.get_peerstore().addrs(pid))
+                    await dial_direct(self.host, pid, known_addrs(self.host, pid))
                 size = await self.discovery.join(pid)
         except Exception as exc:  # unreachable peer, DHT errors
             log.info("dht join failed", peer=peer_id, reason=f"{type(exc).__name__}: {exc}")

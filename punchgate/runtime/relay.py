@@ -31,7 +31,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.libp2p_fixes.relay_hop import RelayHop
 from punchgate.runtime.addresses import is_unhelpful_addr, is_unspecified_addr
-from punchgate.runtime.host import dial_direct
+from punchgate.runtime.host import dial_direct, known_addrs
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.state.model import Limit
 
@@ -85,7 +85,7 @@ class Relays:
         ``relay_addrs`` or the addresses we know, if need be), and the relay's limit on it."""
         network = self.host.get_network()
         if not network.get_connections(relay_id):
-            known = relay_addrs or [a for a in self.host.get_peerstore().addrs(relay_id) if transport_of(a) == "tcp"]
+            known = relay_addrs or [a for a in known_addrs(self.host, relay_id) if transport_of(a) == "tcp"]
             await dial_direct(self.host, relay_id, [without_peer_id(a) for a in known])
         stream = await self.host.new_stream(relay_id, [HOP_PROTOCOL_ID])
         try:
@@ -105,7 +105,7 @@ class Relays:
     def circuit_addrs(self, relay_id: ID) -> list[multiaddr.Multiaddr]:
         """``<relay's TCP address>/p2p/<relay>/p2p-circuit`` for each address others can
         reach it at (the relay's loopback and link-local addresses only if it has no other)."""
-        tcp = [without_peer_id(a) for a in self.host.get_peerstore().addrs(relay_id) if transport_of(a) == "tcp"]
+        tcp = [without_peer_id(a) for a in known_addrs(self.host, relay_id) if transport_of(a) == "tcp"]
         useful = [a for a in tcp if not is_unhelpful_addr(a)]
         result = []
         for addr in useful or [a for a in tcp if not is_unspecified_addr(a)]:

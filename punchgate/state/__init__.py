@@ -42,6 +42,7 @@ from punchgate.state import commands, events
 from punchgate.state.machine import backoff, next_wakeup, transition
 from punchgate.state.model import (
     BootstrapPeer,
+    KnownPeer,
     Limit,
     Link,
     NatStatus,
@@ -55,6 +56,7 @@ from punchgate.state.model import (
 
 __all__ = [
     "BootstrapPeer",
+    "KnownPeer",
     "Limit",
     "Link",
     "NatStatus",

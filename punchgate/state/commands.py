@@ -190,6 +190,17 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Remember:
+    """``peer_id`` worked just now: keep it for the next run (``punchgate/memory.py``), with
+    ``addrs`` (none given: the addresses we reached it at), and ``service`` if it served one."""
+
+    peer_id: str
+    service: str | None
+    addrs: tuple[str, ...]
+    bootstrap: bool
+
+
+@dataclass(frozen=True)
 class Note:
     """A decision worth a log line (``event`` with ``fields``), e.g. a punch skipped and why."""
 
@@ -221,5 +232,6 @@ Command = (
     | CloseSession
     | CloseConnection
     | Cancel
+    | Remember
     | Note
 )

@@ -40,6 +40,7 @@ from punchgate.state.commands import (
     Note,
     OpenStream,
     PublishServices,
+    Remember,
     ReserveRelay,
     SetDhtMode,
     StartPipe,
@@ -234,7 +235,7 @@ def _on_bootstrap_connected(state: NodeState, event: ev.BootstrapConnected) -> R
     state = state.with_bootstrap(replace(peer, connected=True, failures=0, attempt=None, deadline=None, dial_at=None))
     if state.phase is Phase.JOINING:
         state = replace(state, phase=Phase.READY)
-    return state, [JoinDht(peer.peer_id)]
+    return state, [JoinDht(peer.peer_id), Remember(peer.peer_id, None, (), bootstrap=True)]
 
 
 def _bootstrap_failed(state: NodeState, peer_id: str, now: float) -> NodeState:
@@ -577,7 +578,11 @@ def _on_stream_accepted(state: NodeState, event: ev.StreamAccepted) -> Result:
     if session is None or session.attempt != event.attempt or session.phase is not SessionPhase.OPENING:
         return state, [DiscardStream(event.attempt)]
     session = replace(session, phase=SessionPhase.OPEN, attempt_deadline=None)
-    return state.with_session(session), [StartPipe(session.id, event.attempt)]
+    assert session.peer is not None
+    link = state.link(session.peer)
+    circuits = tuple(f"{addr}/p2p/{relay}/p2p-circuit" for relay, addrs in link.relays for addr in addrs)
+    remember = Remember(session.peer, session.service, (*link.direct_addrs, *circuits), bootstrap=False)
+    return state.with_session(session), [StartPipe(session.id, event.attempt), remember]
 
 
 def _opening(state: NodeState, session_id: int, attempt: int) -> Session | None:
@@ -860,7 +865,8 @@ def _refresh_names(state: NodeState, now: float) -> Result:
             if name.lookup is None and not name.providers:
                 state = replace(state, names=drop(state.names, name.service))
             continue
-        if name.found_at is not None and now - name.found_at >= PROVIDERS_FRESH:
+        known_only = name.found_at is None and bool(name.providers)  # remembered from an earlier run
+        if known_only or (name.found_at is not None and now - name.found_at >= PROVIDERS_FRESH):
             state, more = _lookup_name(state, name.service, now)
             commands += more
     return state, commands

@@ -121,6 +121,16 @@ class RelaySlot:
 
 
 @dataclass(frozen=True)
+class KnownPeer:
+    """A peer remembered from an earlier run (``punchgate/memory.py``)."""
+
+    peer_id: str
+    addrs: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    bootstrap: bool = False  # it answered as a bootstrap peer
+
+
+@dataclass(frozen=True)
 class BootstrapPeer:
     peer_id: str
     connected: bool = False
@@ -300,11 +310,29 @@ class NodeState:
         shutdown_grace: float = 3.0,
         republish_interval: float = 300.0,
         connect_timeout: float = 30.0,
+        known: tuple[KnownPeer, ...] = (),
     ) -> NodeState:
-        unique = tuple(dict.fromkeys(bootstrap_peer_ids))
+        """The state at start. ``known`` peers (from an earlier run) are tried alongside the
+        configured ones: bootstrap peers that answered are dialled too, and providers are
+        candidates for their services (addresses as hints) until a look-up says more."""
+        from punchgate.state.addrs import classify
+
+        unique = tuple(dict.fromkeys([*bootstrap_peer_ids, *(k.peer_id for k in known if k.bootstrap)]))
+        names: dict[str, Name] = {}
+        links: dict[str, Link] = {}
+        for peer in known:
+            direct, relays = classify(peer.addrs)
+            if direct or relays:
+                links[peer.peer_id] = Link(peer.peer_id, direct_addrs=direct, relays=relays)
+            for service in peer.services:
+                if service not in services:
+                    old = names.get(service, Name(service))
+                    names[service] = replace(old, providers=(*old.providers, peer.peer_id))
         return cls(
             bootstrap=tuple(BootstrapPeer(p) for p in unique),
             settings=Settings(services, shutdown_grace, republish_interval, connect_timeout),
+            names=MappingProxyType(names),
+            links=MappingProxyType(links),
         )
 
     # --- small queries ---
