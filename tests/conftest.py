@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import socket
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import multiaddr
 import pytest
@@ -18,6 +20,7 @@ from punchgate.runtime.node import Node
 from punchgate.specs import transport_of
 
 LOOPBACK_TCP = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+_NODE_DIRS = tempfile.TemporaryDirectory(prefix="punchgate-test-nodes-")  # removed when the run ends
 NODE_START_TIMEOUT = 20
 
 
@@ -58,6 +61,8 @@ async def start_echo_server(nursery: trio.Nursery) -> int:
 
 async def start_node(nursery: trio.Nursery, **config: object) -> Node:
     config.setdefault("listen", (LOOPBACK_TCP,))
+    # Each node its own identity path: its memory of peers is written next to it.
+    config.setdefault("identity", Path(tempfile.mkdtemp(dir=_NODE_DIRS.name)) / "identity.key")
     config.setdefault("mdns", False)  # tests that want the LAN say so
     node = Node(Config(**config), create_new_key_pair())
     with trio.fail_after(NODE_START_TIMEOUT):
