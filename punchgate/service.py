@@ -198,7 +198,8 @@ class SystemdUser(ServiceManager):
 
     def render(self) -> str:
         exec_start = " ".join(_systemd_quote(part) for part in python_command())
-        return string.Template(template("systemd", "punchgate-user.service")).substitute(
+        # safe_substitute: the template's comments mention $USER and ${...} literally.
+        return string.Template(template("systemd", "punchgate-user.service")).safe_substitute(
             env_file=_systemd_quote(str(self.env_file)), exec_start=exec_start
         )
 

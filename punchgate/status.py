@@ -27,7 +27,11 @@ class NodeNotRunning(Exception):
 
 def query(path: Path, op: str = "status", timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
     """Send ``{"op": op}`` to the node at ``path``; return its answer (a dict)."""
-    if not path.exists():
+    try:
+        present = path.exists()
+    except PermissionError:
+        raise NodeNotRunning(f"cannot open the control socket {path}: permission denied (another user's node?)") from None
+    if not present:
         raise NodeNotRunning(f"no punchgate node is running (no control socket at {path})")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)

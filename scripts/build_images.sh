@@ -13,8 +13,9 @@
 # 3. Wheels, built on the host into build/wheels/: punchgate (pip wheel --no-deps) and
 #    every dependency, so that the image build installs with --no-index.
 # 4. The punchgate image, from the root Containerfile with --build-arg BASE=<base image>,
-#    tagged IMAGE (default localhost/punchgate:local). Podman's layer cache makes an
-#    unchanged rebuild take seconds.
+#    tagged IMAGE (default localhost/punchgate:local), and the same on the systemd base as
+#    localhost/punchgate-systemd:local (the service-mode test runs its /sbin/init). Podman's
+#    layer cache makes an unchanged rebuild take seconds.
 # --base-only stops after step 2. --timings FILE appends "step seconds" lines.
 # Environment: DEBOOTSTRAP_MIRROR (default: the host's Debian source, else debootstrap's
 # own default), PYTHON (the Python that builds the wheels; default .venv/bin/python or python3).
@@ -71,11 +72,13 @@ configure_podman() {
     fi
     mkdir -p /etc/containers
     [ -f "$conf" ] && cp -n "$conf" "$conf.orig"
+    # nproc above ~32k is refused here (runc: "error setting rlimit type 6") even below the
+    # host's hard limit: 4096 is plenty for a container.
     local nofile nproc
-    nofile=$(ulimit -n); nproc=$(ulimit -u)
+    nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
     [ "$nofile" = unlimited ] && nofile=1048576
     [ "$nproc" = unlimited ] && nproc=1048576
-    nofile=$((nofile < 65536 ? nofile : 65536)); nproc=$((nproc < 65536 ? nproc : 65536))
+    nofile=$((nofile < 65536 ? nofile : 65536)); nproc=$((nproc < 4096 ? nproc : 4096))
     cat >"$conf" <<EOF
 # Written by punchgate's scripts/build_images.sh (the previous file, if any: containers.conf.orig).
 # runc + cgroupfs: crun does not support this host's hybrid cgroups. Explicit ulimits
@@ -126,20 +129,31 @@ debootstrap_image() { # debootstrap_image IMAGE PACKAGES
 }
 
 build_wheels() {
-    local python=${PYTHON:-}
+    local python=${PYTHON:-} key
     if [ -z "$python" ]; then
         if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
     fi
-    rm -rf build/wheels
+    # Dependency wheels are rebuilt only when pyproject.toml changes; punchgate's own every time.
+    key=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ "$(cat build/wheels/.deps-key 2>/dev/null)" != "$key" ]; then
+        rm -rf build/wheels
+    fi
     mkdir -p build/wheels
-    "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir build/wheels . >/dev/null
-    "$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir build/wheels \
-        build/wheels/punchgate-*.whl >/dev/null
+    rm -f build/wheels/punchgate-*.whl
+    # (pip's notes about this machine's extra package indexes are dropped; errors stay)
+    # A fixed timestamp makes an unchanged punchgate give the same wheel, so podman reuses its layers.
+    SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir build/wheels . \
+        2> >(grep -v 'is ignored: it is neither' >&2) >/dev/null
+    if [ ! -f build/wheels/.deps-key ]; then
+        "$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir build/wheels \
+            build/wheels/punchgate-*.whl 2> >(grep -v 'is ignored: it is neither' >&2) >/dev/null
+        echo "$key" >build/wheels/.deps-key
+    fi
 }
 
-build_punchgate_image() {
-    podman build --quiet --build-arg BASE="$BASE_IMAGE" --tag "$TAG" --file Containerfile "$ROOT" >/dev/null
-    log "built $TAG"
+build_punchgate_image() { # build_punchgate_image BASE TAG
+    podman build --quiet --build-arg BASE="$1" --tag "$2" --file Containerfile "$ROOT" >/dev/null
+    log "built $2"
 }
 
 configure_podman
@@ -147,4 +161,5 @@ timed "base image" debootstrap_image "$BASE_IMAGE" "$BASE_PACKAGES"
 timed "systemd image" debootstrap_image "$SYSTEMD_IMAGE" "$SYSTEMD_PACKAGES"
 [ "$BASE_ONLY" = 1 ] && exit 0
 timed "wheels" build_wheels
-timed "punchgate image" build_punchgate_image
+timed "punchgate image" build_punchgate_image "$BASE_IMAGE" "$TAG"
+timed "punchgate systemd image" build_punchgate_image "$SYSTEMD_IMAGE" localhost/punchgate-systemd:local
