@@ -30,6 +30,8 @@ while [ $# -gt 0 ]; do
 done
 
 log() { echo "e2e_compose: $*" >&2; }
+FAILURES=()  # checks that failed without stopping the run (the tunnel's path)
+fail_later() { log "FAILED: $*"; FAILURES+=("$*"); }
 die() { echo "e2e_compose: FAILED: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (podman networks with NET_ADMIN gateways)"
@@ -154,7 +156,8 @@ wait_until 60 "an echo through the tunnel (cone NATs)" echo_via_tunnel
 path=$(field client 's["tunnels"][0]["path"]')
 log "cone NATs: 1 MiB echoed through both NATs, tunnel path: $path"
 podman exec "$(name client)" punchgate status >&2 || true
-[ "$path" = direct ] || die "the tunnel is '$path' with port-preserving gateways; expected direct (hole punch)"
+grep -E '"event": "hole punch"' <(podman logs "$(name client)" 2>&1) | tail -n1 >&2 || true
+[ "$path" = direct ] || fail_later "the tunnel is '$path' with port-preserving gateways; expected direct (hole punch)"
 
 # 3. Without the tunnel, lan-b cannot reach the echo service on lan-a.
 if podman exec "$(name probe)" python3 -c "$ECHO_CHECK" "$ECHO_IP" 7777 16 3 >/dev/null 2>&1; then
@@ -170,10 +173,14 @@ wait_until 60 "the client behind the symmetric nat-b" is_true field client \
 wait_until 60 "an echo through the tunnel (symmetric NAT)" echo_via_tunnel
 path=$(field client 's["tunnels"][0]["path"]')
 log "symmetric nat-b: 1 MiB echoed through both NATs, tunnel path: $path"
-[ "$path" = relayed ] || die "the tunnel is '$path' behind a symmetric NAT; expected relayed"
+[ "$path" = relayed ] || fail_later "the tunnel is '$path' behind a symmetric NAT; expected relayed"
 
 # 5. The identity lives on the bootstrap's volume.
 podman restart --time 5 "$boot" >/dev/null
 wait_until 60 "the bootstrap after a restart" is_true field bootstrap '"ready" == s["phase"]'
 [ "$(field bootstrap 's["peer_id"]')" = "$BOOTSTRAP_PEER_ID" ] || die "the bootstrap's peer ID changed across a restart"
 log "bootstrap kept its peer ID across a restart"
+
+if [ ${#FAILURES[@]} -gt 0 ]; then
+    die "${#FAILURES[@]} check(s) failed: $(printf '%s; ' "${FAILURES[@]}")"
+fi
