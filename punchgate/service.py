@@ -120,6 +120,31 @@ def _write_atomically(path: Path, text: str | bytes, mode: int = 0o600) -> None:
         raise
 
 
+class _Files:
+    """Writes the env file and the service file together; :meth:`restore` puts back what was
+    there before (or removes them), so a failed ``up`` leaves the previous installation whole."""
+
+    def __init__(self, files: list[tuple[Path, str | bytes, int]]) -> None:
+        self.files = files
+        self.before = {path: path.read_bytes() if path.exists() else None for path, _, _ in files}
+
+    def write(self) -> None:
+        try:
+            for path, content, mode in self.files:
+                _write_atomically(path, content, mode)
+        except BaseException:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        for path, _, mode in self.files:
+            old = self.before[path]
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                _write_atomically(path, old, mode)
+
+
 def template(*parts: str) -> str:
     return resources.files("punchgate").joinpath("deploy", *parts).read_text()
 
@@ -204,11 +229,15 @@ class SystemdUser(ServiceManager):
         )
 
     def install(self, lines: list[str]) -> None:
-        unit = self.render()
-        _write_atomically(self.env_file, env_file_text(lines))
-        _write_atomically(self.service_file, unit, mode=0o644)
-        self.systemctl("daemon-reload")
-        self.systemctl("enable", UNIT)
+        files = _Files([(self.env_file, env_file_text(lines), 0o600), (self.service_file, self.render(), 0o644)])
+        files.write()
+        try:
+            self.systemctl("daemon-reload")
+            self.systemctl("enable", UNIT)
+        except ServiceError:
+            files.restore()
+            self.systemctl("daemon-reload", check=False)
+            raise
         self.systemctl("restart", UNIT)
 
     def remove(self) -> bool:
@@ -292,14 +321,19 @@ class Launchd(ServiceManager):
         return plistlib.dumps(plist)
 
     def install(self, lines: list[str]) -> None:
-        plist = self.render(lines)
+        files = _Files([(self.env_file, env_file_text(lines), 0o600), (self.service_file, self.render(lines), 0o644)])
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.env_file, env_file_text(lines))
-        _write_atomically(self.service_file, plist, mode=0o644)
+        files.write()
         target = f"{self.domain}/{LABEL}"
         self.launchctl("bootout", target, check=False)  # not loaded yet is fine
-        self.launchctl("enable", target)
-        self.launchctl("bootstrap", self.domain, str(self.service_file))
+        try:
+            self.launchctl("enable", target)
+            self.launchctl("bootstrap", self.domain, str(self.service_file))
+        except ServiceError:
+            files.restore()
+            if files.before[self.service_file] is not None:  # the previous agent runs again
+                self.launchctl("bootstrap", self.domain, str(self.service_file), check=False)
+            raise
         self.launchctl("kickstart", "-k", target)
 
     def remove(self) -> bool:

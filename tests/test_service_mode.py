@@ -224,6 +224,9 @@ def recording_launchctl(tmp_path, monkeypatch):
         f"#!{sys.executable}\n"
         "import json, sys\n"
         f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "import os\n"
+        "if sys.argv[1:2] == [os.environ.get('LAUNCHCTL_FAIL')]:\n"
+        "    sys.exit('Bootstrap failed: 5: Input/output error')\n"
         "if sys.argv[1:2] == ['print']:\n"
         "    print('gui/501/com.punchgate.daemon = {\\n\\tstate = running\\n\\tpid = 4242\\n}')\n"
     )
@@ -307,3 +310,22 @@ def test_env_file_round_trip_with_awkward_values(tmp_path):
 
     config = parse_config([], values)
     assert str(config.identity) == values["PUNCHGATE_IDENTITY"] and len(config.listen) == 2
+
+
+def test_macos_failed_load_leaves_the_previous_installation(tmp_path, recording_launchctl, monkeypatch):
+    from punchgate.service import ServiceError
+
+    manager = manager_for("darwin")
+    up(["--expose", "ssh=127.0.0.1:22"], manager)
+    plist_before = manager.service_file.read_bytes()
+    env_before = manager.env_file.read_text()
+    monkeypatch.setenv("LAUNCHCTL_FAIL", "bootstrap")
+    with pytest.raises(ServiceError, match="launchctl bootstrap .* failed: Bootstrap failed: 5"):
+        up(["--expose", "web=127.0.0.1:8080"], manager)
+    assert manager.service_file.read_bytes() == plist_before and manager.env_file.read_text() == env_before
+    # A first installation that fails leaves nothing behind.
+    manager.service_file.unlink()
+    manager.env_file.unlink()
+    with pytest.raises(ServiceError):
+        up(["--expose", "web=127.0.0.1:8080"], manager)
+    assert not manager.service_file.exists() and not manager.env_file.exists()
