@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # build_images.sh - build punchgate's container images offline, without an image registry.
 #
-#   scripts/build_images.sh [--tag IMAGE] [--base-only] [--timings FILE]
+#   scripts/build_images.sh [--tag IMAGE] [--systemd-tag IMAGE] [--base-only] [--timings FILE]
 #
 # 1. Configures Podman once (see configure_podman below) when root.
 # 2. Base images, debootstrapped from Debian's packages and imported with `podman import`;
@@ -13,8 +13,9 @@
 # 3. Wheels, built on the host into build/wheels/: punchgate (pip wheel --no-deps) and
 #    every dependency, so that the image build installs with --no-index.
 # 4. The punchgate image, from the root Containerfile with --build-arg BASE=<base image>,
-#    tagged IMAGE (default localhost/punchgate:local), and the same on the systemd base as
-#    localhost/punchgate-systemd:local (the service-mode test runs its /sbin/init). Podman's
+#    tagged IMAGE (default localhost/punchgate:local), and the same on the systemd base,
+#    tagged --systemd-tag (default localhost/punchgate-systemd:local; the service-mode test
+#    runs its /sbin/init). The tests pass tags of their own and remove them. Podman's
 #    layer cache makes an unchanged rebuild take seconds.
 # --base-only stops after step 2. --timings FILE appends "step seconds" lines.
 # Environment: DEBOOTSTRAP_MIRROR (default: the host's Debian source, else debootstrap's
@@ -27,6 +28,7 @@ BASE_IMAGE=localhost/punchgate-base:bookworm
 SYSTEMD_IMAGE=localhost/punchgate-systemd:bookworm
 SUITE=bookworm
 TAG=localhost/punchgate:local
+SYSTEMD_TAG=localhost/punchgate-systemd:local
 BASE_ONLY=0
 TIMINGS=
 BASE_PACKAGES=python3,python3-venv,iproute2,iptables
@@ -39,6 +41,7 @@ log() { echo "build_images: $*" >&2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --tag) [ $# -ge 2 ] || die "--tag needs a value (example: --tag localhost/punchgate:local)"; TAG=$2; shift 2 ;;
+        --systemd-tag) [ $# -ge 2 ] || die "--systemd-tag needs a value"; SYSTEMD_TAG=$2; shift 2 ;;
         --base-only) BASE_ONLY=1; shift ;;
         --timings) [ $# -ge 2 ] || die "--timings needs a file"; TIMINGS=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 0 ;;
@@ -162,4 +165,4 @@ timed "systemd image" debootstrap_image "$SYSTEMD_IMAGE" "$SYSTEMD_PACKAGES"
 [ "$BASE_ONLY" = 1 ] && exit 0
 timed "wheels" build_wheels
 timed "punchgate image" build_punchgate_image "$BASE_IMAGE" "$TAG"
-timed "punchgate systemd image" build_punchgate_image "$SYSTEMD_IMAGE" localhost/punchgate-systemd:local
+timed "punchgate systemd image" build_punchgate_image "$SYSTEMD_IMAGE" "$SYSTEMD_TAG"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from punchgate.devtools.natlab import read_topology
-from punchgate.devtools.podman import IMAGE, build_images, skip_or_fail_without_podman
+from punchgate.devtools.podman import build_images, skip_or_fail_without_podman
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose" / "compose.yaml"
@@ -43,9 +43,9 @@ def test_compose_topology_through_two_nats():
     """scripts/e2e_compose_test.sh: VPS-recipe bootstrap, echo through both NATs, direct with
     port-preserving gateways, relayed with a symmetric one, always torn down."""
     skip_or_fail_without_podman()
-    build_images()
+    image = build_images().punchgate
     done = subprocess.run(
-        [str(REPO / "scripts" / "e2e_compose_test.sh"), "--image", IMAGE],
+        [str(REPO / "scripts" / "e2e_compose_test.sh"), "--image", image],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-4000:]

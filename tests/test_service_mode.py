@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from punchgate.devtools.podman import SYSTEMD_IMAGE, Container, build_images, skip_or_fail_without_podman, wait_for
+from punchgate.devtools.podman import Container, build_images, skip_or_fail_without_podman, wait_for
 from punchgate.service import Launchd, SystemdUser, manager_for, parse_env_file, up
 
 USER = "u1"
@@ -81,10 +81,10 @@ def echo_through(box: Container, port: int) -> dict:
 @pytest.mark.slow
 def test_up_update_logs_reboot_down_with_systemd_user_manager():
     skip_or_fail_without_podman()
-    build_images()
+    image = build_images().systemd
     # --network=none: the container has only its own loopback; every byte stays inside it.
     args = ["--systemd=always", "--network=none", "--user=root", "--entrypoint=/sbin/init"]
-    with Container(SYSTEMD_IMAGE, "systemd", args=args) as box:
+    with Container(image, "systemd", args=args) as box:
         wait_for("systemd to boot", lambda: box.exec("systemctl", "is-system-running", check=False).stdout.strip()
                  in ("running", "degraded"), timeout=90)
         box.exec("useradd", "--create-home", "--shell", "/bin/bash", USER)

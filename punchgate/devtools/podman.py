@@ -4,13 +4,17 @@ names that are always removed.
 * :func:`podman_problem` says why Podman cannot run here (None if it can). Tests skip
   with that reason, except under CI (``CI`` set), where Podman must work: they fail.
 * :func:`build_images` runs ``scripts/build_images.sh`` once per process (offline,
-  idempotent; the image tags are the script's, not a test's).
+  idempotent) and returns the punchgate images it built under tags of this process
+  (``localhost/punchgate:test-<hex>``), removed when the process exits. The base images
+  (``localhost/punchgate-base:bookworm``, ``-systemd:bookworm``) are the script's cache
+  and stay, so that the next run skips debootstrap.
 * :class:`Container` starts one container under a unique name and removes it (``rm -f``)
   when the ``with`` block ends, whatever happened. Nothing is ever removed by pattern.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import secrets
@@ -19,12 +23,10 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build_images.sh"
-IMAGE = "localhost/punchgate:local"
-SYSTEMD_IMAGE = "localhost/punchgate-systemd:local"
 BUILD_TIMEOUT = 1200  # from scratch: ~2 min of debootstrap, wheels, two image builds
 
 T = TypeVar("T")
@@ -65,14 +67,31 @@ def skip_or_fail_without_podman() -> None:
     pytest.skip(problem)
 
 
+class Images(NamedTuple):
+    punchgate: str  # the root Containerfile on the base image
+    systemd: str  # the same on the systemd base image
+    seconds: float  # how long the build took
+
+
 @functools.lru_cache(maxsize=1)
-def build_images() -> float:
-    """Build (or confirm) every image; returns the seconds it took."""
+def build_images() -> Images:
+    """Build the images once per process, under tags removed when the process exits."""
+    suffix = secrets.token_hex(4)
+    images = (f"localhost/punchgate:test-{suffix}", f"localhost/punchgate-systemd:test-{suffix}")
+    atexit.register(_remove_images, images)
     started = time.monotonic()
-    result = subprocess.run([str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=BUILD_TIMEOUT, cwd=REPO)
+    result = subprocess.run(
+        [str(BUILD_SCRIPT), "--tag", images[0], "--systemd-tag", images[1]],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT, cwd=REPO,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"scripts/build_images.sh failed: {result.stderr.strip()[-3000:]}")
-    return time.monotonic() - started
+    return Images(*images, time.monotonic() - started)
+
+
+def _remove_images(tags: tuple[str, ...]) -> None:
+    for tag in tags:
+        subprocess.run(["podman", "rmi", "--force", tag], capture_output=True, timeout=120, check=False)
 
 
 def wait_for(what: str, probe: Callable[[], T], timeout: float, interval: float = 0.5) -> T:

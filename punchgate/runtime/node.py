@@ -561,7 +561,7 @@ class Node:
         except ControlSocketInUse as exc:
             if self.control.path != default_control_socket({}):
                 raise
-            log.warning("no control socket", reason=str(exc.strerror), fix="start it with --control-socket PATH")
+            log.info("no control socket", reason=str(exc.strerror), fix="start it with --control-socket PATH")
             self.control = None
 
     def request_shutdown(self, reason: str = "requested") -> None:
