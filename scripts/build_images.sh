@@ -155,7 +155,14 @@ build_wheels() {
 }
 
 build_punchgate_image() { # build_punchgate_image BASE TAG
+    local old new
+    old=$(podman image inspect --format '{{.Id}}' "$2" 2>/dev/null || true)
     podman build --quiet --build-arg BASE="$1" --tag "$2" --file Containerfile "$ROOT" >/dev/null
+    new=$(podman image inspect --format '{{.Id}}' "$2")
+    # The image this tag named before, now untagged, is ours to remove (unless still in use).
+    if [ -n "$old" ] && [ "$old" != "$new" ] && [ "$(podman image inspect --format '{{len .RepoTags}}' "$old" 2>/dev/null)" = 0 ]; then
+        podman rmi "$old" >/dev/null 2>&1 || true
+    fi
     log "built $2"
 }
 
