@@ -29,7 +29,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -98,7 +98,7 @@ def parse_env_file(text: str) -> dict[str, str]:
 
 
 def env_file_text(lines: list[str]) -> str:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     header = [
         f"# punchgate service configuration, written by `punchgate up` ({stamp}).",
         "# `punchgate up [flags]` rewrites it and restarts the service; `punchgate down` removes it.",
@@ -177,6 +177,7 @@ class ServiceManager:
     name = ""
     service_file: Path
     env_file: Path
+    identity: Path  # the node's identity unless `up` is given --identity
 
     def check(self) -> None:
         """Raise ServiceError if this manager cannot be used here."""
@@ -365,9 +366,15 @@ class Launchd(ServiceManager):
         return tail_file(self.log_file, lines, follow)
 
 
+def _print(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def tail_file(path: Path, lines: int, follow: bool, out: Callable[[str], None] | None = None, poll: float = 0.5) -> int:
     """Print the last ``lines`` lines of ``path``; with ``follow``, keep printing new ones (Ctrl-C ends)."""
-    out = out or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    if out is None:
+        out = _print
     if not path.exists():
         raise ServiceError(f"no log file at {path} (has the service run? `punchgate up` starts it)")
     with path.open("rb") as file:

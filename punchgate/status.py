@@ -176,12 +176,20 @@ def print_status(status: dict[str, Any], service: dict[str, Any] | None = None, 
     enough for whole peer IDs and without trailing blanks otherwise (pipes, files)."""
     console = Console(highlight=False)
     if console.is_terminal:
-        render_service(service, console) if only_service else render(status, console, service)
+        _render(console, status, service, only_service)
         return
     print(render_text(status, service, only_service), end="")
 
 
 def render_text(status: dict[str, Any], service: dict[str, Any] | None = None, only_service: bool = False) -> str:
     console = Console(highlight=False, width=200, no_color=True, record=True, file=io.StringIO())
-    render_service(service, console) if only_service else render(status, console, service)
+    _render(console, status, service, only_service)
     return "".join(line.rstrip() + "\n" for line in console.export_text().splitlines())
+
+
+def _render(console: Console, status: dict[str, Any], service: dict[str, Any] | None, only_service: bool) -> None:
+    if only_service:
+        if service is not None:
+            render_service(service, console)
+    else:
+        render(status, console, service)
