@@ -127,7 +127,8 @@ export BOOTSTRAP_PEER_ID
 log "bootstrap $BOOTSTRAP_PEER_ID at $PUB_IP"
 
 # 1. The bootstrap container is the VPS recipe of the README.
-readme_listen=$(grep -o -- '--env PUNCHGATE_LISTEN=[^ ]*' README.md | head -n1 | cut -d= -f2-)
+# (no `grep -q`/`head` in pipelines here: with pipefail, the writer they cut off fails the check)
+readme_listen=$(sed -n 's/.*--env PUNCHGATE_LISTEN=\([^ ]*\).*/\1/p' README.md | sed -n 1p)
 [ -n "$readme_listen" ] || die "README has no VPS recipe with --env PUNCHGATE_LISTEN=..."
 boot=$(name bootstrap)
 [ "$(podman inspect --format '{{.Image}}' "$boot")" = "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ] ||
@@ -135,10 +136,11 @@ boot=$(name bootstrap)
 [ "$(podman inspect --format '{{.Config.User}}' "$boot")" = punchgate ] || die "bootstrap does not run as punchgate"
 command_of() { podman inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$1"; }
 [ "$(command_of "$boot")" = '"punchgate" null' ] || die "bootstrap's command is not the image's own: $(command_of "$boot")"
-podman inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$boot" | grep -qx "PUNCHGATE_LISTEN=${readme_listen//\$\{NODE_PORT\}/$NODE_PORT}" ||
-    die "bootstrap's PUNCHGATE_LISTEN is not the README's ($readme_listen)"
-podman inspect --format '{{range .Mounts}}{{.Type}}:{{.Destination}} {{end}}' "$boot" | grep -q 'volume:/var/lib/punchgate' ||
-    die "bootstrap's identity is not on a volume"
+boot_listen=$(podman inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$boot" | sed -n 's/^PUNCHGATE_LISTEN=//p')
+[ "$boot_listen" = "$readme_listen" ] ||
+    die "bootstrap's PUNCHGATE_LISTEN '$boot_listen' is not the README's '$readme_listen'"
+mounts=$(podman inspect --format '{{range .Mounts}}{{.Type}}:{{.Destination}} {{end}}' "$boot")
+[[ " $mounts" == *" volume:/var/lib/punchgate "* ]] || die "bootstrap's identity is not on a volume (mounts: $mounts)"
 is_true field bootstrap '"/ip4/0.0.0.0/tcp/4001" in s["listen_addrs"] and "/ip4/0.0.0.0/udp/4001/quic-v1" in s["listen_addrs"]' ||
     die "bootstrap does not listen on TCP and QUIC port 4001"
 log "bootstrap matches the README's VPS recipe"
