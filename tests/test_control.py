@@ -16,7 +16,7 @@ import trio
 
 from conftest import address_of, free_port, start_echo_server, start_node
 from punchgate.runtime import control
-from punchgate.runtime.control import ControlSocketInUse
+from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.specs import ExposeSpec, HostPort, TunnelSpec
 from punchgate.status import render_text
 
@@ -223,3 +223,36 @@ def test_table_renders_every_section_from_a_plain_dict():
     assert ["12D3KooWBoot", "reserved", "55m", "00s", "-"] in rows
     assert ["12D3KooWBoot", "tcp+quic", "direct", "2", "1.2", "ms"] in rows
     assert "Services: none exposed" in text and "Tunnels: none" in text
+
+
+def test_nodes_starting_at_once_one_gets_the_socket_the_others_see_it_in_use(sock_dir):
+    """Bound but not yet listening looks stale: without care, a second node starting at the
+    same instant would replace the first one's socket file and leave it unreachable."""
+    import threading
+
+    path = sock_dir / "control.sock"
+    servers = [ControlServer(path, dict) for _ in range(8)]
+    outcomes: list[str] = [""] * len(servers)
+    barrier = threading.Barrier(len(servers))
+
+    def start(i: int) -> None:
+        barrier.wait(timeout=10)
+        try:
+            servers[i].bind()
+            outcomes[i] = "bound"
+        except ControlSocketInUse:
+            outcomes[i] = "in use"
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(len(servers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert sorted(outcomes) == ["bound"] + ["in use"] * (len(servers) - 1), outcomes
+    winner = servers[outcomes.index("bound")]
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))  # the file on disk is the winner's listening socket
+    assert winner._sock is not None
+    winner._sock.close()
+    winner.remove()
+    assert not path.exists()

@@ -19,11 +19,14 @@ function it was given (``Node.status``) and serialises the plain dict it returns
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ MAX_REQUEST = 4096  # bytes, newline included
 READ_DEADLINE = 2.0  # seconds for the whole request
 WRITE_DEADLINE = 5.0
 MAX_CLIENTS = 16  # connections served at once; more wait their turn
+LOCK_WAIT = 5.0  # seconds a starting node waits for another one to finish creating its socket
 DRAIN_DEADLINE = 1.0  # after answering, unread input is discarded for at most this long
 DRAIN_READS = 64  # ... and at most this many reads
 
@@ -75,6 +79,26 @@ def _prepare_directory(directory: Path) -> None:
         directory.chmod(0o700)
 
 
+@contextmanager
+def _setup_lock(path: Path) -> Iterator[None]:
+    """Nodes starting at the same instant create their sockets one after the other: each
+    sees the one before it live, never half-made (bound but not yet listening looks stale)."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ControlSocketInUse(errno.EADDRINUSE, f"another punchgate node is creating {path}") from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _is_live(path: Path) -> bool:
     """True if a process accepts connections on the socket at ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -104,22 +128,25 @@ class ControlServer:
         """
         path = self.path
         _prepare_directory(path.parent)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
-            if _is_live(path):
-                raise ControlSocketInUse(errno.EADDRINUSE, f"another punchgate node answers on {path}")
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(path))
-            path.chmod(0o600)  # the 0700 directory already keeps others out in between
-            sock.listen(MAX_CLIENTS)
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot create control socket {path}: {exc.strerror or exc}") from None
-        self._sock = sock
-        self._inode = path.stat().st_ino
+        with _setup_lock(path):
+            if path.exists() or path.is_symlink():
+                if not stat.S_ISSOCK(path.lstat().st_mode):
+                    raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
+                if _is_live(path):
+                    raise ControlSocketInUse(errno.EADDRINUSE, f"another punchgate node answers on {path}")
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(path))
+                path.chmod(0o600)  # the 0700 directory already keeps others out in between
+                sock.listen(MAX_CLIENTS)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise ControlSocketInUse(exc.errno, f"another punchgate node answers on {path}") from None
+                raise OSError(exc.errno, f"cannot create control socket {path}: {exc.strerror or exc}") from None
+            self._sock = sock
+            self._inode = path.stat().st_ino
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._sock is None:
