@@ -1,5 +1,8 @@
 """The ``punchgate`` command: parse the configuration, load the identity, run the node.
 
+``punchgate up|down|status|logs`` are the service-mode and status commands
+(``punchgate/commands.py``); anything else runs the node.
+
 Exit status: 0 after a clean shutdown, 1 when the node cannot start (identity file,
 taken port), 2 for a bad flag or variable (one line on stderr says which and how).
 """
@@ -12,10 +15,17 @@ from collections.abc import Sequence
 
 from punchgate.config import Config, UsageError, parse_config
 
+SUBCOMMANDS = ("up", "down", "status", "logs")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        from punchgate.commands import run_subcommand
+
+        return run_subcommand(argv[0], argv[1:])
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = parse_config(argv, os.environ)
     except UsageError as exc:
         print(f"punchgate: error: {exc}", file=sys.stderr)
         return 2
@@ -33,6 +43,12 @@ def run(config: Config) -> int:
     from punchgate.runtime.node import Node
 
     keep_buffers_in_heap()
+    if config.control_socket is None:
+        from dataclasses import replace
+
+        from punchgate.userdirs import default_control_socket
+
+        config = replace(config, control_socket=default_control_socket({}))
     configure_logging(config.log_format, config.log_level)
     log = get_logger("punchgate")
     try:

@@ -58,6 +58,7 @@ class Config:
     mdns: bool = True
     republish_interval: float = 300.0
     connect_timeout: float = 30.0
+    control_socket: Path | None = None  # None: no control socket (the CLI fills in the default)
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:
@@ -91,6 +92,7 @@ FLAGS = (
     _Flag("--log-format", "PUNCHGATE_LOG_FORMAT", "json", str, False),
     _Flag("--republish-interval", "PUNCHGATE_REPUBLISH_INTERVAL", "300", parse_interval, False),
     _Flag("--connect-timeout", "PUNCHGATE_CONNECT_TIMEOUT", "30", parse_interval, False),
+    _Flag("--control-socket", "PUNCHGATE_CONTROL_SOCKET", "/run/user/1000/punchgate/control.sock", Path, False),
 )
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -117,6 +119,7 @@ METAVARS = {
     "--log-format": "console|json",
     "--republish-interval": "SECONDS",
     "--connect-timeout": "SECONDS",
+    "--control-socket": "PATH",
 }
 
 
@@ -125,6 +128,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="punchgate",
         description="Peer-to-peer, NAT-traversing TCP tunnels over libp2p. Every flag also reads "
         "PUNCHGATE_<FLAG> (comma-separated for repeatable flags); PUNCHGATE_LOG sets the log level.",
+        epilog="Service mode: punchgate up [these flags] | punchgate down | punchgate status [--json] | "
+        "punchgate logs [-f] [-n N] (each with --help).",
     )
     helps = {
         "--identity": "Ed25519 key file, created on first run (default identity.key)",
@@ -137,6 +142,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--republish-interval": "seconds between re-announcements of exposed services (default 300)",
         "--connect-timeout": "seconds a local connection waits for a peer and a path before it is"
         " closed (default 30)",
+        "--control-socket": "Unix socket answering `punchgate status` (default: in the user's runtime directory)",
     }
     for flag in FLAGS:
         parser.add_argument(
@@ -209,6 +215,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         mdns=mdns,
         republish_interval=parsed["republish_interval"][0] if parsed["republish_interval"] else 300.0,
         connect_timeout=parsed["connect_timeout"][0] if parsed["connect_timeout"] else 30.0,
+        control_socket=parsed["control_socket"][0] if parsed["control_socket"] else None,
     )
     _check_unique(config)
     return config

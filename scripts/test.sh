@@ -15,6 +15,13 @@ if command -v npm >/dev/null 2>&1 && ! [ tests/js/node_modules/.package-lock.jso
     npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
 fi
 
+# Container tests: Podman (run with runc), debootstrap for the offline base images; root only.
+# scripts/build_images.sh configures Podman and builds the images once per run.
+if [ "$(id -u)" = 0 ] && ! { command -v podman && command -v runc && command -v debootstrap; } >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null
+fi
+
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 ./scripts/lint.sh  # ruff and mypy on punchgate/

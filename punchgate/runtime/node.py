@@ -40,6 +40,7 @@ from punchgate import memory
 from punchgate.config import Config
 from punchgate.logs import get_logger
 from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
+from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.holepunch import HolePuncher
@@ -61,6 +62,7 @@ from punchgate.runtime.reachability import PROTOCOL_V1 as DIALBACK_PROTOCOL_V1
 from punchgate.runtime.reachability import DialbackServer, check
 from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
+from punchgate.runtime.snapshot import node_status
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
 from punchgate.specs import transport_of, without_peer_id
@@ -68,6 +70,7 @@ from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.state.model import NatStatus
+from punchgate.userdirs import default_control_socket
 from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
 
 log = get_logger("punchgate.node")
@@ -123,6 +126,13 @@ class Node:
         ]
         self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
+        self.pinger = Pinger(self.host)
+        self.relay_expires: dict[str, float] = {}  # relay -> when our reservation ends (Unix time)
+        self.control = ControlServer(config.control_socket, self.status) if config.control_socket else None
+
+    def status(self) -> dict:
+        """The node's live status as a plain dict (fields: docs/ARCHITECTURE.md, "Control socket")."""
+        return node_status(self)
 
     def post(self, event: ev.Event) -> None:
         """Hand an event to the loop; callable from any task of this trio run."""
@@ -135,6 +145,7 @@ class Node:
         check_ports_free(self.config.listen)
         for client in self.clients:
             await client.open_listeners()
+        self._bind_control_socket()
         peerstore = self.host.get_peerstore()
         for peer_id, addrs in self.bootstrap_addrs.items():
             peerstore.add_addrs(ID.from_base58(peer_id), addrs, PEERSTORE_TTL)
@@ -151,8 +162,10 @@ class Node:
                 if self.config.mdns:
                     nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
                 await nursery.start(self._watch_signals)  # before anyone can see us ready
-                nursery.start_soon(Pinger(self.host).run)
+                nursery.start_soon(self.pinger.run)
                 nursery.start_soon(self._keep_memory)
+                if self.control is not None:
+                    await nursery.start(self.control.serve)
                 me = multiaddr.Multiaddr(f"/p2p/{self.peer_id}")
                 addresses = tuple(str(a.encapsulate(me)) for a in self.host.get_transport_addrs())
                 for address in addresses:
@@ -169,6 +182,8 @@ class Node:
             for client in self.clients:
                 for listener in client.listeners:
                     await listener.aclose()
+            if self.control is not None:
+                self.control.remove()
         log.info("stopped", peer_id=str(self.peer_id))
 
     async def _keep_memory(self) -> None:
@@ -408,6 +423,7 @@ class Node:
             addresses=[str(a) for a in self.relays.circuit_addrs(ID.from_base58(relay))],
             duration_ms=round((trio.current_time() - started) * 1000, 1),
         )
+        self.relay_expires[relay] = time.time() + expires_in
         self.post(ev.RelayReserved(relay, attempt, expires_in, limit))
 
     async def _publish(self, names: tuple[str, ...], attempt: int) -> None:
@@ -533,6 +549,20 @@ class Node:
                 name = signal.Signals(signum).name
                 log.info("shutdown requested", signal=name)
                 self.post(ev.ShutdownRequested(name))
+
+    def _bind_control_socket(self) -> None:
+        """Create the control socket before the host starts (a bad explicit path: exit 1). The
+        default path held by another live node (a second node of the same user) is not an
+        error: this node then runs without one and says so."""
+        if self.control is None:
+            return
+        try:
+            self.control.bind()
+        except ControlSocketInUse as exc:
+            if self.control.path != default_control_socket({}):
+                raise
+            log.info("no control socket", reason=str(exc.strerror), fix="start it with --control-socket PATH")
+            self.control = None
 
     def request_shutdown(self, reason: str = "requested") -> None:
         self.post(ev.ShutdownRequested(reason))

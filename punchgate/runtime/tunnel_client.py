@@ -18,6 +18,7 @@ import trio
 from libp2p.abc import INetStream
 
 from punchgate.logs import get_logger
+from punchgate.runtime.counters import SessionStats
 from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.specs import HostPort
@@ -103,6 +104,7 @@ class TunnelClient:
         self.registry = registry
         self.post = post
         self.listeners: list[trio.SocketListener] = []
+        self.stats = SessionStats()  # for `punchgate status`
 
     async def open_listeners(self) -> None:
         """Bind the local port now, so that a taken port fails the start, not a later connection."""
@@ -148,7 +150,8 @@ class TunnelClient:
         log.info("client tunnel opened", **fields, setup_ms=setup_ms)
         result = session.result = PipeResult()
         try:
-            await pipe(local, opened.stream, result, pending_to_local=opened.early)
+            with self.stats.track(result, peer=opened.peer, path=opened.path):
+                await pipe(local, opened.stream, result, pending_to_local=opened.early)
         finally:
             log.info(
                 "client tunnel closed",

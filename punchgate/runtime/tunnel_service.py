@@ -6,6 +6,7 @@ import trio
 from libp2p.abc import INetStream
 
 from punchgate.logs import get_logger
+from punchgate.runtime.counters import SessionStats
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
@@ -24,6 +25,7 @@ class TunnelService:
         self.services = services
         self.registry = registry
         self.accepted = 0  # tunnel requests accepted so far
+        self.stats = {name: SessionStats() for name in services}  # for `punchgate status`
 
     async def handle_stream(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -71,7 +73,8 @@ class TunnelService:
         # A client may start sending before our answer: those bytes go to the service first.
         result = PipeResult()
         try:
-            await pipe(local, stream, result, pending_to_local=early_bytes)
+            with self.stats[service].track(result, peer=peer):
+                await pipe(local, stream, result, pending_to_local=early_bytes)
         finally:
             log.info(
                 "tunnel closed",
