@@ -122,7 +122,7 @@ class Node:
         self.relays = Relays(self.host)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
-        self.port_mapper = PortMapper()
+        self.port_mapper = PortMapper(seed=str(self.peer_id))
         self.clients = [
             TunnelClient(t.service, t.bind, t.peer_id, self.sessions, self.registry, self.post) for t in config.tunnels
         ] + [

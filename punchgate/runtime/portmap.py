@@ -20,6 +20,12 @@ Two protocols, tried in this order (the state machine decides when; this module 
   is asked for again as a random high port; a router that takes only permanent mappings
   (725) gets one, removed at shutdown like the others.
 
+The external port asked for is not the listen port but one derived from our peer ID and
+the listen port (20000-59999, the same after a restart). Decision: two hosts of one LAN
+listening on the same port then ask for different ports, and a check of our own listen
+port (is ``<our public IP>:<listen port>`` reachable?) stays a different question from
+the check of the mapping: with equal ports the mapping would answer both.
+
 A mapping whose external address is private (another NAT in front of the router) is
 refused here: nobody outside could use it. Whether the router really forwards is not
 this module's business: the machine has a peer dial the mapped address before it is
@@ -29,6 +35,7 @@ advertised.
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import random
 import socket
@@ -111,6 +118,14 @@ def mappable_ports(addrs: Iterable[multiaddr.Multiaddr]) -> list[int]:
     return ports
 
 
+def wanted_port(seed: str, internal: int) -> int:
+    """The external port to ask for ``internal``: stable for one node, never ``internal``."""
+    span = RANDOM_PORTS[1] - RANDOM_PORTS[0]
+    digest = hashlib.sha256(f"{seed}/{internal}".encode()).digest()
+    port = RANDOM_PORTS[0] + int.from_bytes(digest[:4], "big") % span
+    return port + 1 if port == internal else port
+
+
 def _check_external(ip: str) -> str:
     parsed = ipaddress.ip_address(ip)
     if parsed.is_unspecified:
@@ -165,12 +180,12 @@ class NatPmp:
         _, external, granted = struct.unpack_from("!HHI", answer, 8)
         return external, granted
 
-    async def map(self, ports: list[int], previous: dict[int, int], lease: int) -> Mapping:
+    async def map(self, ports: list[int], wanted: dict[int, int], lease: int) -> Mapping:
         ip = _check_external(await self.external_ip())
         granted: dict[int, int] = {}
         lifetime = lease
         for internal in ports:
-            external, given = await self.map_tcp(internal, previous.get(internal, internal), lease)
+            external, given = await self.map_tcp(internal, wanted[internal], lease)
             if external == 0 or given == 0:
                 raise PortMappingError(f"NAT-PMP: {self.gateway} granted no port for {internal}")
             granted[internal] = external
@@ -218,7 +233,7 @@ class Upnp:
         self._host = urllib.parse.urlsplit(str(control_url)).hostname or ""
         return gateway
 
-    def _map(self, ports: list[int], previous: dict[int, int], lease: int) -> Mapping:
+    def _map(self, ports: list[int], wanted: dict[int, int], lease: int) -> Mapping:
         fresh = self._gateway is None
         gateway = self._gateway or self._discover()
         try:
@@ -226,13 +241,13 @@ class Upnp:
         except Exception as exc:
             self._gateway = None
             if not fresh:  # the router may have restarted elsewhere: look for it again
-                return self._map(ports, previous, lease)
+                return self._map(ports, wanted, lease)
             raise PortMappingError(f"UPnP: no external address ({exc})") from None
         _check_external(str(ip or "0.0.0.0"))
         granted: dict[int, int] = {}
         for internal in ports:
-            wanted = [previous.get(internal, internal), internal, *(random.randint(*RANDOM_PORTS) for _ in range(2))]
-            for external in dict.fromkeys(wanted):
+            choices = [wanted[internal], *(random.randint(*RANDOM_PORTS) for _ in range(2))]
+            for external in dict.fromkeys(choices):
                 try:
                     gateway.addportmapping(  # type: ignore[attr-defined]
                         external, "TCP", gateway.lanaddr, internal, DESCRIPTION, "", lease  # type: ignore[attr-defined]
@@ -255,8 +270,8 @@ class Upnp:
         self._gateway = gateway
         return Mapping("upnp", self._host, str(ip), granted, lease)
 
-    async def map(self, ports: list[int], previous: dict[int, int], lease: int) -> Mapping:
-        return await self._in_thread(lambda: self._map(ports, previous, lease))
+    async def map(self, ports: list[int], wanted: dict[int, int], lease: int) -> Mapping:
+        return await self._in_thread(lambda: self._map(ports, wanted, lease))
 
     async def unmap(self, external_ports: Iterable[int]) -> None:
         gateway = self._gateway
@@ -282,6 +297,7 @@ class PortMapper:
     """Maps our listen ports with whichever protocol the gateway speaks; remembers what
     it asked for, so that :meth:`unmap` removes it (also after a cancelled attempt)."""
 
+    seed: str = ""  # our peer ID: which external ports we ask for
     route_table: Path = Path("/proc/net/route")
     mapping: Mapping | None = None
     upnp: Upnp = field(default_factory=Upnp)
@@ -291,7 +307,8 @@ class PortMapper:
         if not ports:
             raise PortMappingError("no TCP listen port to map (listening on loopback only?)")
         gateway = default_gateway(self.route_table)
-        previous = self.mapping.ports if self.mapping else {}
+        previous = self.mapping.ports if self.mapping else {}  # a renewal asks for the same ports
+        wanted = {port: previous.get(port) or wanted_port(self.seed, port) for port in ports}
         methods = ["natpmp", "upnp"]
         if self.mapping is not None and self.mapping.method == "upnp":
             methods.reverse()  # a renewal asks the gateway that granted the mapping first
@@ -302,9 +319,9 @@ class PortMapper:
                 if method == "natpmp":
                     if gateway is None:
                         raise PortMappingError("NAT-PMP: no default gateway", silent=True)
-                    mapping = await NatPmp(gateway).map(ports, previous, lease)
+                    mapping = await NatPmp(gateway).map(ports, wanted, lease)
                 else:
-                    mapping = await self.upnp.map(ports, previous, lease)
+                    mapping = await self.upnp.map(ports, wanted, lease)
             except PortMappingError as exc:
                 errors.append(exc)
                 continue

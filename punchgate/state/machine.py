@@ -236,7 +236,11 @@ def _handle(state: NodeState, event: ev.Event, now: float) -> Result:
 def _advertise(state: NodeState) -> Advertise:
     relay = state.relay.relay_peer_id if state.relay.status is RelayStatus.RESERVED else None
     mapped = state.portmap.external if state.portmap.confirmed else ()
-    return Advertise(direct=not state.bootstrap or state.nat.status is NatStatus.PUBLIC, relay=relay, mapped=mapped)
+    # While our router forwards for us, a check of our own port may have got through the
+    # router too (a gateway that ignored the port we asked for): then our interface
+    # addresses (LAN ones) are not what was reached, the mapped address is.
+    direct = not state.bootstrap or (state.nat.status is NatStatus.PUBLIC and not mapped)
+    return Advertise(direct=direct, relay=relay, mapped=mapped)
 
 
 def _on_listeners_ready(state: NodeState, now: float) -> Result:
