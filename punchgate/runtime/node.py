@@ -39,7 +39,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from punchgate import memory
 from punchgate.config import Config
 from punchgate.logs import get_logger
-from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
+from punchgate.runtime.addresses import AddressBook
 from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
 from punchgate.runtime.handshake import read_message
@@ -52,6 +52,7 @@ from punchgate.runtime.host import (
     dial_direct,
     known_addrs,
     live_connection,
+    own_record_addrs,
     relay_of,
 )
 from punchgate.runtime.mdns import MdnsDiscovery
@@ -66,7 +67,6 @@ from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.snapshot import node_status
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
-from punchgate.specs import transport_of, without_peer_id
 from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
@@ -289,6 +289,8 @@ class Node:
                 self.address_book.relay_addrs = self.relays.circuit_addrs(ID.from_base58(relay)) if relay else []
                 self.address_book.mapped_addrs = [multiaddr.Multiaddr(a) for a in mapped]
                 log.info("advertising", addresses=[str(a) for a in self.host.get_addrs()])
+                # Tell connected peers at once (identify push), as the spec says a peer should.
+                self._nursery.start_soon(self.host._push_identify_to_all_peers)  # type: ignore[attr-defined]
             case cmd.MapPorts(attempt=attempt):
                 self._spawn(attempt, self._map_ports, attempt)
             case cmd.UnmapPorts():
@@ -340,10 +342,8 @@ class Node:
             case cmd.Remember(peer_id=peer_id, service=service, addrs=addrs, bootstrap=bootstrap):
                 if bootstrap and not addrs:
                     addrs = tuple(str(a) for a in self.bootstrap_addrs.get(peer_id, ()))
-                else:  # what else we know of the peer: identify's listen addresses, the addresses we dialled
-                    known = known_addrs(self.host, ID.from_base58(peer_id))
-                    dialable = [str(without_peer_id(a)) for a in known if transport_of(a) == "tcp" and not is_unhelpful_addr(a)]
-                    addrs = (*dialable, *addrs)
+                else:  # and what the peer itself last said (its signed record: identify, DHT answers)
+                    addrs = (*addrs, *own_record_addrs(self.host, ID.from_base58(peer_id)))
                 self.memory = self.memory.remember(peer_id, addrs, service, bootstrap, time.time())
                 self._memory_dirty.set()
             case cmd.Note(event=event, fields=fields, level=level):
