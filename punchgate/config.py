@@ -16,6 +16,8 @@ from typing import Any
 import multiaddr
 
 from punchgate import __version__
+from punchgate.access import parse_allow_spec
+from punchgate.limits import Limits, parse_limit, with_settings
 from punchgate.specs import (
     ExposeSpec,
     HostPort,
@@ -60,6 +62,11 @@ class Config:
     connect_timeout: float = 30.0
     control_socket: Path | None = None  # None: no control socket (the CLI fills in the default)
     port_mapping: bool = True  # ask the router (NAT-PMP, UPnP) to forward a public port to us
+    # access control (see punchgate/access.py and punchgate/limits.py)
+    allow: tuple[tuple[str, frozenset[str]], ...] = ()
+    allow_file: Path | None = None
+    network_key: Path | None = None
+    limits: Limits = Limits()
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:
@@ -73,6 +80,7 @@ class _Flag:
     example: str
     parse: Callable[[str], Any]
     repeatable: bool
+    separator: str = ","  # between the entries of a repeatable flag's variable
 
 
 FLAGS = (
@@ -94,6 +102,10 @@ FLAGS = (
     _Flag("--republish-interval", "PUNCHGATE_REPUBLISH_INTERVAL", "300", parse_interval, False),
     _Flag("--connect-timeout", "PUNCHGATE_CONNECT_TIMEOUT", "30", parse_interval, False),
     _Flag("--control-socket", "PUNCHGATE_CONTROL_SOCKET", "/run/user/1000/punchgate/control.sock", Path, False),
+    _Flag("--allow", "PUNCHGATE_ALLOW", f"ssh={EXAMPLE_PEER}", parse_allow_spec, True, ";"),
+    _Flag("--allow-file", "PUNCHGATE_ALLOW_FILE", "/etc/punchgate/allow", Path, False),
+    _Flag("--network-key", "PUNCHGATE_NETWORK_KEY", "/etc/punchgate/network.key", Path, False),
+    _Flag("--limit", "PUNCHGATE_LIMIT", "tunnel_streams_per_peer=16", parse_limit, True),
 )
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -121,6 +133,10 @@ METAVARS = {
     "--republish-interval": "SECONDS",
     "--connect-timeout": "SECONDS",
     "--control-socket": "PATH",
+    "--allow": "SERVICE=PEER_ID[,PEER_ID...]",
+    "--allow-file": "PATH",
+    "--network-key": "PATH",
+    "--limit": "NAME=VALUE",
 }
 
 
@@ -144,6 +160,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--connect-timeout": "seconds a local connection waits for a peer and a path before it is"
         " closed (default 30)",
         "--control-socket": "Unix socket answering `punchgate status` (default: in the user's runtime directory)",
+        "--allow": "only these peers may open SERVICE; * for every peer (repeatable; PUNCHGATE_ALLOW"
+        " separates entries with ';'). With --allow or --allow-file, services without a list are closed",
+        "--allow-file": "allowlist file, one 'SERVICE PEER_ID' per line, # comments; re-read on SIGHUP"
+        " and when it changes",
+        "--network-key": "private network key file (/key/swarm/psk/1.0.0/, mode 0600; make one with"
+        " 'punchgate network-key new PATH'): only peers holding it can connect; turns QUIC off",
+        "--limit": "change a resource cap, e.g. tunnel_sessions=1024 (repeatable; see README,"
+        " Access control)",
     }
     for flag in FLAGS:
         parser.add_argument(
@@ -171,7 +195,7 @@ def _raw_values(flag: _Flag, given: Any, env: Mapping[str, str]) -> list[str]:
     if text is None or text.strip() == "":
         return []
     if flag.repeatable:
-        return [part.strip() for part in text.split(",") if part.strip()]
+        return [part.strip() for part in text.split(flag.separator) if part.strip()]
     return [text.strip()]
 
 
@@ -226,6 +250,10 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         connect_timeout=parsed["connect_timeout"][0] if parsed["connect_timeout"] else 30.0,
         control_socket=parsed["control_socket"][0] if parsed["control_socket"] else None,
         port_mapping=port_mapping,
+        allow=tuple(parsed["allow"]),
+        allow_file=parsed["allow_file"][0] if parsed["allow_file"] else None,
+        network_key=parsed["network_key"][0] if parsed["network_key"] else None,
+        limits=with_settings(Limits(), parsed["limit"]),
     )
     _check_unique(config)
     return config
