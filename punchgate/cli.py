@@ -1,10 +1,12 @@
 """The ``punchgate`` command: parse the configuration, load the identity, run the node.
 
 ``punchgate up|down|status|logs`` are the service-mode and status commands
-(``punchgate/commands.py``); anything else runs the node.
+(``punchgate/commands.py``), ``punchgate network-key new PATH`` makes a private-network
+key (``punchgate/netkey.py``); anything else runs the node.
 
 Exit status: 0 after a clean shutdown, 1 when the node cannot start (identity file,
-taken port), 2 for a bad flag or variable (one line on stderr says which and how).
+network key, allow file, taken port), 2 for a bad flag or variable (one line on stderr
+says which and how).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from punchgate.commands import run_subcommand
 
         return run_subcommand(argv[0], argv[1:])
+    if argv[:1] == ["network-key"]:
+        from punchgate.netkey import main as network_key_main
+
+        return network_key_main(argv[1:])
     try:
         config = parse_config(argv, os.environ)
     except UsageError as exc:
@@ -40,6 +46,8 @@ def run(config: Config) -> int:
     from punchgate.allocator import keep_buffers_in_heap
     from punchgate.identity import IdentityError, load_or_create_identity
     from punchgate.logs import configure_logging, get_logger
+    from punchgate.netkey import NetworkKeyError
+    from punchgate.runtime.access_control import AllowFileError
     from punchgate.runtime.node import Node
 
     keep_buffers_in_heap()
@@ -56,7 +64,11 @@ def run(config: Config) -> int:
     except IdentityError as exc:
         log.error("identity error", reason=str(exc))
         return 1
-    node = Node(config, key_pair)
+    try:
+        node = Node(config, key_pair)
+    except (NetworkKeyError, AllowFileError) as exc:
+        log.error("cannot start", reason=str(exc))
+        return 1
     log.info(
         "punchgate starting",
         version=__version__,

@@ -9,6 +9,7 @@ stream. Results are medians over ``--runs`` runs.
 
     python scripts/bench_stream.py              # with punchgate.libp2p_fixes
     python scripts/bench_stream.py --no-fixes   # the library as shipped
+    python scripts/bench_stream.py --private    # both in a private network (pnet protector)
 """
 
 from __future__ import annotations
@@ -45,11 +46,19 @@ READ_SIZE = 256 * 1024
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
+PSK_VARIABLE = "PUNCHGATE_BENCH_PSK"  # a throwaway random key, hex, handed to the server process
+
+
 def make_host():
     key_pair = create_new_key_pair()
     addrs = [multiaddr.Multiaddr(LISTEN)]
     noise = Noise(key_pair, noise_privkey=create_x25519().private_key)
-    return new_host(key_pair=key_pair, listen_addrs=addrs, sec_opt={NOISE: noise}), addrs
+    host = new_host(key_pair=key_pair, listen_addrs=addrs, sec_opt={NOISE: noise})
+    if os.environ.get(PSK_VARIABLE):
+        from punchgate.libp2p_fixes.pnet import protect_host
+
+        protect_host(host, bytes.fromhex(os.environ[PSK_VARIABLE]))
+    return host, addrs
 
 
 async def sink_handler(stream) -> None:
@@ -150,6 +159,9 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated punchgate.libp2p_fixes modules to install instead of all"
         " (e.g. yamux,yamux_flow), to measure one adjustment at a time",
     )
+    parser.add_argument(
+        "--private", action="store_true", help="wrap both ends in the private-network protector (random key)"
+    )
     parser.add_argument("--mib", type=int, default=200, help="MiB per throughput run")
     parser.add_argument("--write-kib", type=int, default=256, help="size of each write")
     parser.add_argument("--runs", type=int, default=3)
@@ -173,6 +185,8 @@ def main() -> None:
     if args.serve:
         trio.run(serve)
         return
+    if args.private:
+        os.environ[PSK_VARIABLE] = os.urandom(32).hex()  # inherited by the server process
     command = [sys.executable, os.path.abspath(__file__), "--serve"]
     if args.no_fixes:
         command.append("--no-fixes")
@@ -190,7 +204,7 @@ def main() -> None:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-    label = "no fixes" if args.no_fixes else f"fixes {args.only or 'all'}"
+    label = ("no fixes" if args.no_fixes else f"fixes {args.only or 'all'}") + (", private network" if args.private else "")
     runs = ", ".join(f"{r:.0f}" for r in result["mib_s_all"])
     print(
         f"{label}: {result['mib_s']:.0f} MiB/s (runs: {runs}; {args.mib} MiB in "

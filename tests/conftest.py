@@ -59,12 +59,12 @@ async def start_echo_server(nursery: trio.Nursery) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-async def start_node(nursery: trio.Nursery, **config: object) -> Node:
+async def start_node(nursery: trio.Nursery, key_pair=None, **config: object) -> Node:
     config.setdefault("listen", (LOOPBACK_TCP,))
     # Each node its own identity path: its memory of peers is written next to it.
     config.setdefault("identity", Path(tempfile.mkdtemp(dir=_NODE_DIRS.name)) / "identity.key")
     config.setdefault("mdns", False)  # tests that want the LAN say so
-    node = Node(Config(**config), create_new_key_pair())
+    node = Node(Config(**config), key_pair or create_new_key_pair())
     with trio.fail_after(NODE_START_TIMEOUT):
         await nursery.start(node.run)
         await node.ready.wait()

@@ -47,6 +47,11 @@ library's ``Yamux`` and of our ``BackpressureYamuxStream``):
   timeout when it actually has to wait; received bodies are queued per stream
   (``ChunkBuffer``) and handed to readers without copying when a read takes a
   whole body.
+- Inbound streams are capped per connection (``max_inbound_streams``, set per host
+  from ``Limits.inbound_streams_per_conn`` by ``libp2p_fixes/inbound.py``): a SYN
+  beyond the cap is answered with RST before the stream is registered, as go-yamux
+  does past ``MaxIncomingStreams``. The library accepts any number, each with a
+  task negotiating its protocol for up to 10 s.
 - Error mapping is kept: any failure of the frame reader tears the connection
   down through the library's ``_cleanup_on_error``, which resets every stream.
 
@@ -278,9 +283,11 @@ class FlowYamux(Yamux):
     """``Yamux`` with our streams, flow control and a lean frame reader."""
 
     stream_class = FlowYamuxStream
+    max_inbound_streams = 2048  # streams the peer may have open on this connection at once
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.refused_streams = 0  # SYNs answered with RST for being over the cap
         # Only the sender writes (or a writer before the sender exists), and its
         # socket send yields: taking the lock need not be a scheduler pass too.
         self._write_lock = InnerLock()  # type: ignore[assignment]  # the same interface, no scheduler pass
@@ -476,7 +483,9 @@ class FlowYamux(Yamux):
     ) -> None:
         accepted = None
         if flags & FLAG_SYN:
-            if stream_id in self.streams:
+            if stream_id in self.streams or self._inbound_streams() >= self.max_inbound_streams:
+                if stream_id not in self.streams:
+                    self.refused_streams += 1
                 self._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
                 return
             stream = accepted = self._register(stream_id, False)
@@ -518,6 +527,11 @@ class FlowYamux(Yamux):
                 delta = RECEIVE_WINDOW - DEFAULT_WINDOW_SIZE
                 self._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, delta))
             await self.new_stream_send_channel.send(accepted)
+
+    def _inbound_streams(self) -> int:
+        """Streams the peer opened that are still registered (their IDs have its parity)."""
+        ours = self.next_stream_id & 1
+        return sum(1 for stream_id in self.streams if stream_id & 1 != ours)
 
     async def _on_ping(self, flags: int, opaque: int) -> None:
         if flags & FLAG_SYN:

@@ -36,9 +36,10 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from punchgate import memory
+from punchgate import memory, netkey
 from punchgate.config import Config
 from punchgate.logs import get_logger
+from punchgate.runtime.access_control import AccessControl
 from punchgate.runtime.addresses import AddressBook
 from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
@@ -51,6 +52,7 @@ from punchgate.runtime.host import (
     connection_transport,
     dial_direct,
     known_addrs,
+    listen_addrs_for,
     live_connection,
     own_record_addrs,
     relay_of,
@@ -87,7 +89,15 @@ class Node:
     def __init__(self, config: Config, key_pair: KeyPair) -> None:
         self.config = config
         self.address_book = AddressBook()
-        self.host: IHost = build_host(key_pair, config.listen, self.address_book)
+        # Access control (README "Access control"); each raises a one-line error if unusable.
+        self.network_key = netkey.load(config.network_key) if config.network_key else None
+        self.listen, self.dropped_listen = listen_addrs_for(config.listen, self.network_key is not None)
+        if not self.listen:
+            raise netkey.NetworkKeyError("with --network-key every --listen address must not be QUIC: add a TCP one")
+        self.access = AccessControl(config.allow, config.allow_file, [s.name for s in config.expose])
+        self.host: IHost = build_host(
+            key_pair, self.listen, self.address_book, network_key=self.network_key, limits=config.limits
+        )
         self.peer_id = self.host.get_id()
         self.registry = SessionRegistry()
         self.sessions = SessionTable()
@@ -117,9 +127,12 @@ class Node:
         self._opened: dict[int, Opened] = {}  # accepted tunnel streams not yet handed over
         self._stopped = False
         self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
-        self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
+        self.service = TunnelService(
+            {s.name: s.target for s in config.expose}, self.registry, self.access.policy, config.limits
+        )
+        self.access.subscribers.append(self.service.set_policy)
         self.discovery = Discovery(self.host)
-        self.relays = Relays(self.host)
+        self.relays = Relays(self.host, config.limits)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
         self.port_mapper = PortMapper(seed=str(self.peer_id))
@@ -147,7 +160,7 @@ class Node:
             pass  # the loop has ended; nothing listens any more
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-        check_ports_free(self.config.listen)
+        check_ports_free(self.listen)
         for client in self.clients:
             await client.open_listeners()
         self._bind_control_socket()
@@ -155,7 +168,7 @@ class Node:
         for peer_id, addrs in self.bootstrap_addrs.items():
             peerstore.add_addrs(ID.from_base58(peer_id), addrs, PEERSTORE_TTL)
         try:
-            async with self.host.run(listen_addrs=list(self.config.listen)), trio.open_nursery() as nursery:
+            async with self.host.run(listen_addrs=list(self.listen)), trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.service.handle_stream)
                 self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), self.dialback.handle_stream)
@@ -167,6 +180,8 @@ class Node:
                 if self.config.mdns:
                     nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
                 await nursery.start(self._watch_signals)  # before anyone can see us ready
+                self._log_access()
+                await nursery.start(self.access.run)  # the allow file's watcher
                 nursery.start_soon(self.pinger.run)
                 nursery.start_soon(self._keep_memory)
                 if self.control is not None:
@@ -210,6 +225,18 @@ class Node:
             await trio.to_thread.run_sync(memory.save, self.memory_path, self.memory)
         except OSError as exc:
             log.warning("peer memory not saved", path=str(self.memory_path), reason=exc.strerror or str(exc))
+    def _log_access(self) -> None:
+        """Say how the node is guarded: private network, allowlist warnings, limits."""
+        if self.network_key is not None:
+            log.info(
+                "private network",
+                fingerprint=netkey.fingerprint(self.network_key),
+                transports=["tcp"],
+                quic="off: QUIC connections cannot carry the private-network protector",
+                dropped_listen=[str(a) for a in self.dropped_listen],
+            )
+        self.access.log_summary()
+        log.info("limits", **self.config.limits.describe())
 
     async def _close_connections(self) -> None:
         """Close every connection before the host stops, even when we are being cancelled.

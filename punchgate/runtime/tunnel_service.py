@@ -1,10 +1,31 @@
-"""The serving side of ``/punchgate/tunnel/1.0.0``: streams in, exposed TCP services out."""
+"""The serving side of ``/punchgate/tunnel/1.0.0``: streams in, exposed TCP services out.
+
+Each stream passes three gates, in this order:
+
+1. **limits** (``punchgate/limits.py`` :class:`StreamAdmission`), before a byte is read:
+   tunnel streams of one peer at once and per second, and tunnel sessions in all. Over
+   a cap the stream is answered with a refusal that names the cap and closed.
+2. **the request**, within the handshake deadline (10 s): a malformed, oversized,
+   truncated or late one is refused.
+3. **access** (``punchgate/access.py`` :func:`decide`): a peer not allowed to open the
+   name is told ``not allowed``, whether or not the name exists; an allowed peer asking
+   for a name not exposed is told ``unknown service 'NAME'``.
+
+Refusals are logged (``tunnel rejected``, naming peer, service and the full reason) at
+most once per 10 s for the same peer, service and kind of refusal, with the count of
+those not logged. When the allowlist changes, tunnels open by peers who may no longer
+open their service are closed (``tunnel revoked``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 from libp2p.abc import INetStream
 
+from punchgate.access import AccessPolicy, decide
+from punchgate.limits import Limits, LogThrottle, StreamAdmission
 from punchgate.logs import get_logger
 from punchgate.runtime.counters import SessionStats
 from punchgate.runtime.handshake import read_message
@@ -21,43 +42,72 @@ log = get_logger("punchgate.tunnel")
 class TunnelService:
     """Answers tunnel requests for the services given with ``--expose``."""
 
-    def __init__(self, services: dict[str, HostPort], registry: SessionRegistry) -> None:
+    def __init__(
+        self,
+        services: dict[str, HostPort],
+        registry: SessionRegistry,
+        policy: AccessPolicy | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self.services = services
         self.registry = registry
+        self.policy = policy or AccessPolicy.open()
+        limits = limits or Limits()
+        self.admission = StreamAdmission(
+            limits.tunnel_streams_per_peer, limits.tunnel_stream_rate, limits.tunnel_stream_burst, limits.tunnel_sessions
+        )
+        self.throttle = LogThrottle()
         self.accepted = 0  # tunnel requests accepted so far
         self.stats = {name: SessionStats() for name in services}  # for `punchgate status`
+        self.refused = 0  # tunnel streams refused, for any reason
+        self._live: dict[trio.CancelScope, tuple[str, str]] = {}  # open tunnels: (peer, service)
+
+    def set_policy(self, policy: AccessPolicy) -> None:
+        """A new allowlist: from now on it decides, and open tunnels it forbids are closed."""
+        self.policy = policy
+        for scope, (peer, service) in list(self._live.items()):
+            if not policy.permits(peer, service):
+                log.warning("tunnel revoked", peer=peer, service=service, reason="peer no longer allowed")
+                scope.cancel()
 
     async def handle_stream(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
+        reason = self.admission.admit(peer, trio.current_time())
+        if reason is not None:
+            await self._refuse(stream, peer, None, reason)
+            return
         try:
-            with self.registry.session():
-                await self._serve(stream, peer)
+            with self.registry.session() as scope:
+                await self._serve(stream, peer, scope)
         except RegistryClosed:
-            await _refuse(stream, peer, None, "node is shutting down")
+            await self._refuse(stream, peer, None, "node is shutting down")
+        finally:
+            self.admission.release(peer)
 
-    async def _serve(self, stream: INetStream, peer: str) -> None:
+    async def _serve(self, stream: INetStream, peer: str, scope: trio.CancelScope) -> None:
         try:
             message, early_bytes = await read_message(stream)
             service = parse_request(message).service_name
         except (WireError, trio.TooSlowError) as exc:
             reason = "no request in time" if isinstance(exc, trio.TooSlowError) else str(exc)
-            await _refuse(stream, peer, None, f"bad request: {reason}")
+            await self._refuse(stream, peer, None, f"bad request: {reason}")
             return
         except Exception as exc:  # the stream broke before the request arrived
-            log.warning("tunnel rejected", peer=peer, reason=f"stream error: {type(exc).__name__}")
+            self._note("tunnel rejected", peer, None, "stream error", reason=f"stream error: {type(exc).__name__}")
             await _reset(stream)
             return
 
         log.debug("tunnel request", peer=peer, service=service)  # accepted/rejected follow
-        target = self.services.get(service)
-        if target is None:
-            await _refuse(stream, peer, service, f"unknown service {service!r}")
+        decision = decide(self.policy, peer, service, self.services)
+        if not decision.allowed:
+            await self._refuse(stream, peer, service, decision.reason or "refused", decision.detail)
             return
+        target = self.services[service]
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 local = await trio.open_tcp_stream(target.host, target.port)
         except (OSError, trio.TooSlowError) as exc:
-            await _refuse(stream, peer, service, f"service {service!r} at {target} unreachable: {exc or 'timeout'}")
+            await self._refuse(stream, peer, service, f"service {service!r} at {target} unreachable: {exc or 'timeout'}")
             return
 
         started = trio.current_time()
@@ -72,10 +122,12 @@ class TunnelService:
         log.info("tunnel accepted", peer=peer, service=service, target=str(target))
         # A client may start sending before our answer: those bytes go to the service first.
         result = PipeResult()
+        self._live[scope] = (peer, service)
         try:
             with self.stats[service].track(result, peer=peer):
                 await pipe(local, stream, result, pending_to_local=early_bytes)
         finally:
+            del self._live[scope]
             log.info(
                 "tunnel closed",
                 peer=peer,
@@ -87,17 +139,28 @@ class TunnelService:
                 interrupted=result.interrupted,
             )
 
+    async def _refuse(
+        self, stream: INetStream, peer: str, service: str | None, reason: str, detail: str | None = None
+    ) -> None:
+        self.refused += 1
+        kind = reason.split(":", 1)[0]
+        extra = {"detail": detail} if detail and detail != reason else {}
+        self._note("tunnel rejected", peer, service, kind, reason=reason, **extra)
+        try:
+            with trio.move_on_after(2):
+                await stream.write(encode_response(TunnelResponse(False, reason)))
+                await stream.close()
+                return
+        except Exception:
+            pass
+        await _reset(stream)
 
-async def _refuse(stream: INetStream, peer: str, service: str | None, reason: str) -> None:
-    log.warning("tunnel rejected", peer=peer, service=service, reason=reason)
-    try:
-        with trio.move_on_after(2):
-            await stream.write(encode_response(TunnelResponse(False, reason)))
-            await stream.close()
-            return
-    except Exception:
-        pass
-    await _reset(stream)
+    def _note(self, event: str, peer: str, service: str | None, kind: str, **fields: Any) -> None:
+        """A warning, at most once per 10 s for one peer, service and kind of refusal."""
+        held_back = self.throttle.allow(f"{peer} {service} {kind}", trio.current_time())
+        if held_back is not None:
+            extra = {"not_logged_since": held_back} if held_back else {}
+            log.warning(event, peer=peer, service=service, **fields, **extra)
 
 
 async def _reset(stream: INetStream) -> None:
