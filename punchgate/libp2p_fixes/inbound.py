@@ -24,6 +24,11 @@ It also sets the cap on inbound streams per connection of every connection the h
 upgrades, either direction (``FlowYamux.max_inbound_streams``, from
 ``inbound_streams_per_conn``), right after the muxer is built and before it reads.
 
+The library listens with a backlog of 128 (``libp2p/transport/tcp/tcp.py`` ~96): in a
+burst of connections the kernel drops the rest before our gate can see (and close)
+them, and they linger half-open on the other side. :func:`raise_backlog`, called once
+the host listens, asks for :data:`LISTEN_BACKLOG` (the kernel caps it at somaxconn).
+
 Refusals and timeouts are logged at most once per 10 s per kind, with the count of
 those not logged in between.
 """
@@ -42,6 +47,7 @@ from punchgate.logs import get_logger
 
 log = get_logger("punchgate.limits")
 CLOSE_TIMEOUT = 2.0
+LISTEN_BACKLOG = 4096
 
 
 class InboundGate:
@@ -132,3 +138,12 @@ def guard_inbound(host: IHost, limits: Limits) -> InboundGate:
 
     upgrader.upgrade_connection = capped_upgrade_connection
     return gate
+
+
+def raise_backlog(host: IHost, backlog: int = LISTEN_BACKLOG) -> None:
+    """Give every TCP listening socket of a running ``host`` a longer accept queue."""
+    for listener in list(getattr(host.get_network(), "listeners", {}).values()):
+        for socket_listener in getattr(listener, "listeners", ()):
+            sock = getattr(socket_listener, "socket", None)
+            if sock is not None:
+                sock.listen(backlog)  # on a listening socket: only the queue length changes

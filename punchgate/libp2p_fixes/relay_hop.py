@@ -151,9 +151,14 @@ class RelayHop(CircuitV2Protocol):
         own = HopMessage()
         own.CopyFrom(msg)
         own.ClearField("peer")  # the slot is always the requesting peer's own
-        await super()._handle_reserve(stream, own)
-        if self.resource_manager.get_reservation(peer) is not None:
-            self._reservation_ips[peer] = ip
+        # Counted against its IP from now: the library answers, then waits 0.1 s before
+        # returning, and the next request from the same address may come meanwhile.
+        self._reservation_ips[peer] = ip
+        try:
+            await super()._handle_reserve(stream, own)
+        finally:
+            if self.resource_manager.get_reservation(peer) is None:
+                self._reservation_ips.pop(peer, None)
 
     def _admit_reservation(self, peer: ID, ip: str) -> str | None:
         """None if ``peer`` (connected from ``ip``) may hold a slot; else why not."""

@@ -38,6 +38,7 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from punchgate import memory, netkey
 from punchgate.config import Config
+from punchgate.libp2p_fixes.inbound import raise_backlog
 from punchgate.logs import get_logger
 from punchgate.runtime.access_control import AccessControl
 from punchgate.runtime.addresses import AddressBook
@@ -174,6 +175,7 @@ class Node:
                 self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), self.dialback.handle_stream)
                 self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_V1), self.dialback.handle_stream_v1)
                 self.host.get_network().register_notifee(_ConnectionEvents(self.post))
+                raise_backlog(self.host)  # bursts of connections reach our admission, not a full queue
                 await nursery.start(self.discovery.run)
                 await nursery.start(self.relays.run)
                 await nursery.start(self.puncher.run)
