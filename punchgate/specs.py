@@ -155,7 +155,7 @@ def _transport_of(names: list[str]) -> str | None:
 def parse_listen_addr(text: str) -> multiaddr.Multiaddr:
     addr = _parse_multiaddr(text)
     names = [p.name for p in addr.protocols()]
-    if names[0] not in ("ip4", "ip6") or _transport_of(names) is None:
+    if not names or names[0] not in ("ip4", "ip6") or _transport_of(names) is None:
         raise SpecError(f"{text!r} is not a TCP or QUIC listen address")
     return addr
 
