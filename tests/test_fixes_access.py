@@ -205,3 +205,24 @@ async def _run(host, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with host.run(listen_addrs=[LOOPBACK]):
         task_status.started()
         await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("relay_class", [RelayHop, CircuitV2Protocol], ids=["ours", "shipped"])
+async def test_hop_streams_do_not_outlive_their_requests(relay_class):
+    """As shipped, every hop stream (a reservation, its renewals, a malformed request)
+    stays registered on the relay until the connection ends."""
+    relay = build_host(create_new_key_pair(), [LOOPBACK])
+    hop = relay_class(relay, limits=relay_limits(Limits()), allow_hop=True)
+    peer = build_host(create_new_key_pair(), [LOOPBACK])
+    async with relay.run(listen_addrs=[LOOPBACK]), peer.run(listen_addrs=[LOOPBACK]), background_trio_service(hop):
+        with trio.fail_after(TIMEOUT):
+            await hop.event_started.wait()
+            await peer.connect(PeerInfo(relay.get_id(), relay.get_addrs()))
+            for _ in range(3):
+                assert await reserve(peer, relay.get_id()) == "OK"
+            theirs = live_connection(relay, peer.get_id(), "tcp").muxed_conn
+            with trio.move_on_after(3):  # the library answers, then waits 0.5 s on EOF
+                while theirs._inbound_streams():
+                    await trio.sleep(0.05)
+            left = theirs._inbound_streams()
+    assert left == (3 if relay_class is CircuitV2Protocol else 0)

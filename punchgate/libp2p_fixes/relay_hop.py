@@ -64,6 +64,14 @@ back), and hands the library a copy of the message without ``peer``, so the slot
 always the requesting connection's own peer's. A renewal by a peer that holds a slot
 is always admitted.
 
+Hop streams (``_handle_hop_stream`` ~306-395): the handler reads messages in a loop
+until the peer's EOF or an error, answers that, and returns without closing the stream.
+The stream stays registered on the connection until the connection ends: one leaked
+stream per reservation (renewals included) and per malformed request, which a peer can
+repeat until the muxer's cap. :meth:`RelayHop._handle_hop_stream` closes it (or resets
+it, bounded) when the library's handler returns; a circuit's streams are finished by
+then (the CONNECT handler returns when its circuit has ended).
+
 ``runtime/relay.py`` builds ``RelayHop``; no library name is rebound.
 """
 
@@ -127,6 +135,13 @@ class RelayHop(CircuitV2Protocol):
         self._reservation_ips: dict[ID, str] = {}  # the IP each slot holder reserved from
         self._throttle = LogThrottle()
         self.refused_reservations = 0
+
+    async def _handle_hop_stream(self, stream: INetStream) -> None:
+        try:
+            await super()._handle_hop_stream(stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(stream, clean=True)
 
     # -- reservations -----------------------------------------------------------
 
