@@ -44,6 +44,7 @@ def run(config: Config) -> int:
 
     from punchgate import __version__
     from punchgate.allocator import keep_buffers_in_heap
+    from punchgate.fdlimit import descriptors_needed, raise_open_files_limit
     from punchgate.identity import IdentityError, load_or_create_identity
     from punchgate.logs import configure_logging, get_logger
     from punchgate.netkey import NetworkKeyError
@@ -57,8 +58,16 @@ def run(config: Config) -> int:
         from punchgate.userdirs import default_control_socket
 
         config = replace(config, control_socket=default_control_socket({}))
+    open_files = raise_open_files_limit()
     configure_logging(config.log_format, config.log_level)
     log = get_logger("punchgate")
+    if open_files < descriptors_needed(config.limits):
+        log.warning(
+            "open files limit below the caps",
+            limit=open_files,
+            needed=descriptors_needed(config.limits),
+            fix="raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower --limit tunnel_sessions / inbound_conns",
+        )
     try:
         key_pair, created = load_or_create_identity(config.identity)
     except IdentityError as exc:
