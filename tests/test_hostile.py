@@ -1,10 +1,10 @@
 """Peers that misbehave on purpose, against a real punchgate process on loopback.
 
-One provider process (exposing an echo service) is attacked three ways while a
+One provider process (exposing an echo service) is attacked four ways while a
 well-behaved client process keeps echoing 16 MiB through its tunnel (sha256 checked,
 in its own process): a peer opening 10,000 streams, 1,000 connections that never
-finish a handshake (from one address, then spread over 40), and a flood of relay
-reservations. Each must be refused beyond its cap, with a reason where the protocol
+finish a handshake (from one address, then spread over 40), a flood of relay
+reservations, and a peer that keeps sending on streams the node refused. Each must be refused beyond its cap, with a reason where the protocol
 carries one, while the node's descriptors and memory stay bounded and the good peer
 keeps being served. The figures are printed (``pytest -s``) and, if
 ``PUNCHGATE_ABUSE_REPORT`` names a file, appended to it as JSON lines.
@@ -18,7 +18,14 @@ import resource
 
 import pytest
 
-from punchgate.devtools.hostile import Target, handshake_flood, measure, reservation_flood, stream_flood
+from punchgate.devtools.hostile import (
+    Target,
+    handshake_flood,
+    junk_flood,
+    measure,
+    reservation_flood,
+    stream_flood,
+)
 from punchgate.limits import NODE_BUSY, TOO_FAST, TOO_MANY_STREAMS, Limits
 
 pytestmark = pytest.mark.slow
@@ -80,6 +87,18 @@ async def test_a_peer_opening_10000_streams(target):
     probe = f"probe refused: {TOO_MANY_STREAMS}"
     assert outcomes.get(probe) == 20 and latency[probe]["max"] < 1.0, (outcomes, latency)
     assert max(v["max"] for v in latency.values()) < 10 + 15  # the request deadline, and slack
+    assert_node_held_up(figures, extra_fds=10)
+
+
+async def test_a_peer_that_keeps_sending_on_refused_streams(target):
+    """200 refused streams, each followed by 16 MiB nobody will read: the node discards it
+    and resets each stream after 1 MiB, instead of buffering up to its 16 MiB window
+    (3.2 GB here) until the connection ends."""
+    figures = await measure(target, lambda: junk_flood(target.address, 200, 16 << 20))
+    report("16 MiB sent on each of 200 refused streams", figures)
+    outcomes = figures["outcomes"]
+    assert outcomes.get("reset by the node") == 200, outcomes
+    assert outcomes["MiB sent before the end, max"] < 16, outcomes  # cut off, not all taken
     assert_node_held_up(figures, extra_fds=10)
 
 

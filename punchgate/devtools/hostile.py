@@ -170,6 +170,47 @@ async def stream_flood(target: multiaddr.Multiaddr, count: int, probes: int = 20
     return result
 
 
+async def junk_flood(target: multiaddr.Multiaddr, streams: int, per_stream: int) -> FloodResult:
+    """Open ``streams`` tunnel streams whose request is junk (so each is refused), and
+    keep sending ``per_stream`` bytes on each as if the refusal never came: a peer
+    trying to make the node buffer what nobody reads. Records how each stream ended and
+    how many bytes the node let through before that."""
+    peer = ID.from_base58(target.value_for_protocol("p2p"))
+    host = build_host(create_new_key_pair(), [LOOPBACK])
+    hello = multistream_line("/multistream/1.0.0") + multistream_line(PROTOCOL_ID)
+    junk = b"\x00\x00\x00\x10" + os.urandom(1 << 20)  # a 16-byte "request" of random bytes, then more
+    result = FloodResult()
+    async with host.run(listen_addrs=[LOOPBACK]):
+        await host.get_network().dial_addr(target.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}")), peer)
+        muxed = live_connection(host, peer, "tcp").muxed_conn
+        muxed.stream_backlog_semaphore = trio.Semaphore(streams + 1)
+        started = trio.current_time()
+        sent: list[int] = []
+
+        async def one() -> None:
+            begun, written = trio.current_time(), 0
+            stream = await muxed.open_stream()
+            try:
+                await stream.write(hello)
+                while written < per_stream:
+                    await stream.write(junk)
+                    written += len(junk)
+                kind = "all sent"
+            except Exception:  # noqa: BLE001 - the node reset the stream: what we measure
+                kind = "reset by the node"
+            sent.append(written)
+            result.record(kind, trio.current_time() - begun)
+
+        with trio.fail_after(ATTACK_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for _ in range(streams):
+                    nursery.start_soon(one)
+        result.duration = trio.current_time() - started
+        result.outcomes["MiB sent before the end, max"] = max(sent) >> 20
+        await _close_all(host)
+    return result
+
+
 async def handshake_flood(host: str, port: int, count: int, sources: list[str]) -> FloodResult:
     """``count`` TCP connections at once to ``host:port``, spread over the source
     addresses ``sources``; even ones send garbage, odd ones nothing; none ever finishes a

@@ -13,7 +13,9 @@ Each stream passes three gates, in this order:
 
 Refusals are logged (``tunnel rejected``, naming peer, service and the full reason) at
 most once per 10 s for the same peer, service and kind of refusal, with the count of
-those not logged. When the allowlist changes, tunnels open by peers who may no longer
+those not logged. A refused stream is closed once the peer has read the answer and
+closed its side; a peer that keeps sending instead (whatever it sends is discarded,
+never buffered) is reset after 1 MiB or 2 s. When the allowlist changes, tunnels open by peers who may no longer
 open their service are closed (``tunnel revoked``).
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 
 import trio
 from libp2p.abc import INetStream
+from libp2p.network.stream.exceptions import StreamEOF
 
 from punchgate.access import AccessPolicy, decide
 from punchgate.limits import Limits, LogThrottle, StreamAdmission
@@ -35,6 +38,8 @@ from punchgate.specs import HostPort
 from punchgate.wire import TunnelResponse, WireError, encode_response, parse_request
 
 CONNECT_TIMEOUT = 10.0
+REFUSAL_GRACE = 2.0  # for the refusal to go out and the peer to close its side
+DRAIN_LIMIT = 1 << 20  # bytes a refused peer may still send before its stream is reset
 
 log = get_logger("punchgate.tunnel")
 
@@ -147,13 +152,14 @@ class TunnelService:
         extra = {"detail": detail} if detail and detail != reason else {}
         self._note("tunnel rejected", peer, service, kind, reason=reason, **extra)
         try:
-            with trio.move_on_after(2):
+            with trio.move_on_after(REFUSAL_GRACE):
                 await stream.write(encode_response(TunnelResponse(False, reason)))
                 await stream.close()
-                return
+                if await _drained(stream):
+                    return  # the peer read the answer and closed its side: the stream is gone
         except Exception:
             pass
-        await _reset(stream)
+        await _reset(stream)  # the peer kept sending (or keeps the stream open): drop it
 
     def _note(self, event: str, peer: str, service: str | None, kind: str, **fields: Any) -> None:
         """A warning, at most once per 10 s for one peer, service and kind of refusal."""
@@ -161,6 +167,19 @@ class TunnelService:
         if held_back is not None:
             extra = {"not_logged_since": held_back} if held_back else {}
             log.warning(event, peer=peer, service=service, **fields, **extra)
+
+
+async def _drained(stream: INetStream) -> bool:
+    """Discard what the peer still sends on a refused stream: True once it closes its
+    side, False after :data:`DRAIN_LIMIT` bytes. (Unread, those bytes would stay
+    buffered, up to the muxer's 16 MiB window per stream, until the connection ends.)"""
+    discarded = 0
+    while discarded < DRAIN_LIMIT:
+        try:
+            discarded += len(await stream.read(65536))
+        except StreamEOF:
+            return True
+    return False
 
 
 async def _reset(stream: INetStream) -> None:
