@@ -66,7 +66,7 @@ class Config:
     allow: tuple[tuple[str, frozenset[str]], ...] = ()
     allow_file: Path | None = None
     network_key: Path | None = None
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from punchgate.specs import SpecError
 
@@ -82,7 +83,8 @@ def parse_limit(text: str) -> tuple[str, int | float]:
 
 
 def with_settings(base: Limits, settings: list[tuple[str, int | float]]) -> Limits:
-    return replace(base, **dict(settings))
+    changes: dict[str, Any] = dict(settings)  # each value has its field's type (parse_limit)
+    return replace(base, **changes)
 
 
 class ConnectionAdmission:

@@ -74,6 +74,13 @@ class UsageSampler:
             await trio.sleep(self.interval)
 
 
+def _connection(host: Any, peer: ID) -> Any:
+    conn = live_connection(host, peer, "tcp")
+    if conn is None:
+        raise ConnectionError(f"no connection to {peer}")
+    return conn
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -130,7 +137,7 @@ async def stream_flood(target: multiaddr.Multiaddr, count: int, probes: int = 20
     result = FloodResult()
     async with host.run(listen_addrs=[LOOPBACK]):
         await host.get_network().dial_addr(target.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}")), peer)
-        muxed = live_connection(host, peer, "tcp").muxed_conn
+        muxed: Any = _connection(host, peer).muxed_conn
         muxed.stream_backlog_semaphore = trio.Semaphore(count + 1)  # an attacker does not hold back
         started = trio.current_time()
 
@@ -142,13 +149,13 @@ async def stream_flood(target: multiaddr.Multiaddr, count: int, probes: int = 20
                 begun = trio.current_time()  # the request is on its way: the node's turn
                 while True:
                     data += await stream.read(4096)
-            except Exception as exc:  # noqa: BLE001 - how the stream ended is the result
+            except Exception as exc:  # how the stream ended is the result
                 ended = "reset" if "Reset" in type(exc).__name__ else "closed"
             if stream is not None:  # done with it (an attacker keeping it half-open meets the muxer cap)
                 with trio.move_on_after(1):
                     try:
                         await stream.reset()
-                    except Exception:  # noqa: BLE001 - gone already
+                    except Exception:  # gone already
                         pass
             reason = refusal_reason(bytes(data))
             kind = f"refused: {reason}" if reason else f"{ended} without a reason"
@@ -182,7 +189,7 @@ async def junk_flood(target: multiaddr.Multiaddr, streams: int, per_stream: int)
     result = FloodResult()
     async with host.run(listen_addrs=[LOOPBACK]):
         await host.get_network().dial_addr(target.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}")), peer)
-        muxed = live_connection(host, peer, "tcp").muxed_conn
+        muxed: Any = _connection(host, peer).muxed_conn
         muxed.stream_backlog_semaphore = trio.Semaphore(streams + 1)
         started = trio.current_time()
         sent: list[int] = []
@@ -196,7 +203,7 @@ async def junk_flood(target: multiaddr.Multiaddr, streams: int, per_stream: int)
                     await stream.write(junk)
                     written += len(junk)
                 kind = "all sent"
-            except Exception:  # noqa: BLE001 - the node reset the stream: what we measure
+            except Exception:  # the node reset the stream: what we measure
                 kind = "reset by the node"
             sent.append(written)
             result.record(kind, trio.current_time() - begun)
@@ -274,7 +281,7 @@ async def reservation_flood(
         for host in hosts:
             await nursery.start(_run_host, host)
         with trio.fail_after(ATTACK_TIMEOUT):
-            for i, (host, source) in enumerate(zip(hosts, sources)):
+            for i, (host, source) in enumerate(zip(hosts, sources, strict=True)):
                 await host.get_network().dial_addr(bare, relay_id, source=(source, 0))
                 begun = trio.current_time()
                 label = "crowded" if source == crowded_ip else "spread"
@@ -298,7 +305,7 @@ async def _close_all(host) -> None:
             for conn in list(conns):
                 try:
                     await conn.close()
-                except Exception:  # noqa: BLE001 - closing either way
+                except Exception:  # closing either way
                     pass
 
 
@@ -321,6 +328,7 @@ class Target:
             self.echo = subprocess.Popen(
                 [sys.executable, str(ECHO_SCRIPT), "--port", "0"], stderr=subprocess.PIPE, text=True
             )
+            assert self.echo.stderr is not None
             echo_port = int(self.echo.stderr.readline().rsplit(":", 1)[1])
             common = ("--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns")
             self.provider = self._start(
@@ -389,7 +397,7 @@ async def measure(target: Target, attack: Callable[[], Awaitable[FloodResult]], 
                 if fds_after <= fds_before + 2:
                     break
                 await trio.sleep(0.2)
-        while not during:  # noqa: ASYNC110 - the good peer's last transfer is a subprocess
+        while not during:
             await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     after = [await transfer() for _ in range(2)]

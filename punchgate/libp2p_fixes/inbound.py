@@ -87,7 +87,7 @@ class InboundGate:
             self._note("inbound handshake timed out", "warning", ip=ip, timeout_s=self.timeout)
             await _close(read_write_closer)
             return None
-        except Exception as exc:  # noqa: BLE001 - a failed handshake of any kind ends here
+        except Exception as exc:  # a failed handshake of any kind ends here
             self.failed += 1
             self._note("inbound handshake failed", "info", ip=ip, reason=f"{type(exc).__name__}: {exc}")
             await _close(read_write_closer)
@@ -106,7 +106,7 @@ class InboundGate:
 def _remote_ip(read_write_closer: Any) -> str:
     try:
         remote = read_write_closer.get_remote_address()
-    except Exception:  # noqa: BLE001 - a socket already gone has no address
+    except Exception:  # a socket already gone has no address
         remote = None
     return str(remote[0]) if remote else "unknown"
 
@@ -115,7 +115,7 @@ async def _close(read_write_closer: Any) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
         try:
             await read_write_closer.close()
-        except Exception:  # noqa: BLE001 - closed either way
+        except Exception:  # closed either way
             pass
 
 

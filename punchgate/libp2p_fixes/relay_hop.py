@@ -84,9 +84,9 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.utils import write_delimited_msg
 
@@ -160,7 +160,7 @@ class RelayHop(CircuitV2Protocol):
                         stream,
                         HopMessage(type=HopMessage.STATUS, status=to_proto_status(StatusCode.RESOURCE_LIMIT_EXCEEDED)),
                     )
-                except Exception as error:  # noqa: BLE001 - the requester is gone: refused either way
+                except Exception as error:  # the requester is gone: refused either way
                     logger.debug("relay: refusing a reservation: %r", error)
             return
         own = HopMessage()
@@ -311,6 +311,6 @@ class RelayHop(CircuitV2Protocol):
 def _remote_ip(stream: INetStream) -> str:
     try:
         remote = stream.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - no address known: one bucket for all such
+    except Exception:  # no address known: one bucket for all such
         remote = None
     return str(remote[0]) if remote else "unknown"

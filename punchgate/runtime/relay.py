@@ -36,6 +36,7 @@ from punchgate.runtime.host import dial_direct, known_addrs
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.state.model import Limit
 
+
 def relay_limits(limits: Limits) -> RelayLimits:
     """The library's relay limits from ours (defaults: README, "Access control")."""
     return RelayLimits(
