@@ -236,3 +236,17 @@ def test_logs_refusals_on_both_sides_warns_about_open_services_and_reloads_on_si
     finally:
         for proc in procs:
             proc.kill()
+
+
+def test_an_unusable_allow_file_stops_the_start_in_one_line(tmp_path):
+    from punchgate.runtime.access_control import AccessControl, AllowFileError
+
+    with pytest.raises(AllowFileError, match="does not exist"):
+        AccessControl((), tmp_path / "absent", ["echo"])
+    bad = tmp_path / "allow"
+    bad.write_text("echo *\necho nobody\n")
+    with pytest.raises(AllowFileError, match="line 2: 'nobody' is not a peer ID"):
+        AccessControl((), bad, ["echo"])
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(AllowFileError, match="not UTF-8"):
+        AccessControl((), bad, ["echo"])

@@ -147,3 +147,15 @@ def test_a_running_node_never_logs_its_key(tmp_path):
     for form in (key.hex(), key.hex().upper(), base64.b64encode(key).decode(), repr(key)[2:-1]):
         assert form not in text
     assert os.path.exists(path)
+
+
+def test_a_private_node_needs_a_tcp_listen_address(tmp_path):
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from punchgate.config import parse_config
+    from punchgate.runtime.node import Node
+
+    create(tmp_path / "network.key")
+    config = parse_config(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--network-key", str(tmp_path / "network.key")], {})
+    with pytest.raises(NetworkKeyError, match="TCP only"):
+        Node(config, create_new_key_pair())

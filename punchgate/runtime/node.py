@@ -94,7 +94,9 @@ class Node:
         self.network_key = netkey.load(config.network_key) if config.network_key else None
         self.listen, self.dropped_listen = listen_addrs_for(config.listen, self.network_key is not None)
         if not self.listen:
-            raise netkey.NetworkKeyError("with --network-key every --listen address must not be QUIC: add a TCP one")
+            raise netkey.NetworkKeyError(
+                "with --network-key the node listens on TCP only (QUIC cannot carry the protector): add a TCP --listen"
+            )
         self.access = AccessControl(config.allow, config.allow_file, [s.name for s in config.expose])
         self.host: IHost = build_host(
             key_pair, self.listen, self.address_book, network_key=self.network_key, limits=config.limits
