@@ -2,9 +2,9 @@
 clear error, never another exception, never a hang; and a live node fed fuzzed bytes on
 each protocol a peer can reach keeps serving a good peer.
 
-Decoders covered here: the tunnel handshake (``wire``), the spec, config and
-environment parsers, multiaddrs as peers hand them over, the allow file, the network
-key file. (The control socket's requests are fuzzed where that socket lives.)
+Decoders covered here: the tunnel handshake (``wire``), the control socket's requests,
+the spec, config and environment parsers, multiaddrs as peers hand them over, the allow
+file, the network key file.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from punchgate.access import AllowError, parse_allow_spec
 from punchgate.config import FLAGS, UsageError, parse_config
 from punchgate.limits import parse_limit
 from punchgate.netkey import HEADER, NetworkKeyError, decode
+from punchgate.runtime import control
 from punchgate.runtime.access_control import AllowFileError, read_allow_file
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.host import build_host, live_connection, transport_of
@@ -100,6 +101,24 @@ def test_request_and_response_parsers(value):
             parse(message)
         except WireError:
             pass
+
+
+control_requests = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["op", "x", ""]), st.one_of(st.sampled_from(["status", "ping", "nope"]), json_values),
+                    max_size=3).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@QUICK
+@given(control_requests)
+def test_control_socket_requests(request):
+    """Every request line gets one JSON object back: the status, {"ok": true}, or an error."""
+    status = {"peer_id": "x"}
+    reply = control.answer(request, lambda: status)
+    assert reply is status or reply == {"ok": True} or set(reply) == {"error"}
+    json.dumps(reply)
 
 
 SPEC_PARSERS = [
@@ -213,14 +232,16 @@ LIVE = settings(max_examples=12, deadline=None, suppress_health_check=list(Healt
 
 
 async def test_a_live_node_fed_fuzzed_bytes_on_every_protocol_keeps_serving():
-    """Fuzzed bytes on the tunnel, dial-back and relay-hop protocols, and raw on the TCP
-    listener before any handshake; after every one, the good peer's tunnel still works.
+    """Fuzzed bytes on the tunnel, dial-back and relay-hop protocols, raw on the TCP
+    listener before any handshake, and on the control socket; after every one, the good
+    peer's tunnel still works (and the control socket still answers).
     (Input that stops short without ending is the slow-handshake attack of
     tests/test_hostile.py: here each input ends, so each is judged at once.)"""
-    with trio.fail_after(120):
+    with trio.fail_after(120), tempfile.TemporaryDirectory(prefix="pgfz-") as socket_dir:  # short path
         async with trio.open_nursery() as nursery:
             echo = HostPort("127.0.0.1", await start_echo_server(nursery))
-            node = await start_node(nursery, expose=(ExposeSpec("echo", echo),))
+            control_socket = Path(socket_dir) / "control.sock"
+            node = await start_node(nursery, expose=(ExposeSpec("echo", echo),), control_socket=control_socket)
             port = int(address_of(node).value_for_protocol("tcp"))
             fuzzer, good = (build_host(create_new_key_pair(), [LOOPBACK_TCP]) for _ in range(2))
             await nursery.start(_run, fuzzer)
@@ -269,6 +290,23 @@ async def test_a_live_node_fed_fuzzed_bytes_on_every_protocol_keeps_serving():
                             pass
                 await good_peer_served()
 
+            async def on_control_socket(data: bytes) -> None:
+                with trio.move_on_after(12):
+                    stream = await trio.open_unix_socket(str(control_socket))
+                    async with stream:
+                        try:
+                            await stream.send_all(data)
+                            await stream.send_eof()
+                            while await stream.receive_some(65536):
+                                pass
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                ping = await trio.open_unix_socket(str(control_socket))
+                async with ping:
+                    await ping.send_all(b'{"op": "ping"}\n')
+                    assert json.loads(await ping.receive_some(1000)) == {"ok": True}  # still answering
+                await good_peer_served()
+
             protocols = st.sampled_from([PROTOCOL_ID, DIALBACK_PROTOCOL_ID, str(HOP_PROTOCOL_ID)])
 
             @LIVE
@@ -281,9 +319,15 @@ async def test_a_live_node_fed_fuzzed_bytes_on_every_protocol_keeps_serving():
             def fuzz_listener(data):
                 trio.from_thread.run(raw, data)
 
+            @LIVE
+            @given(st.one_of(control_requests, st.binary(min_size=4097, max_size=9000)))
+            def fuzz_control_socket(data):
+                trio.from_thread.run(on_control_socket, data)
+
             await trio.to_thread.run_sync(fuzz_protocols)
             await trio.to_thread.run_sync(fuzz_listener)
-            assert len(served) >= 2 * LIVE.max_examples
+            await trio.to_thread.run_sync(fuzz_control_socket)
+            assert len(served) >= 3 * LIVE.max_examples
             nursery.cancel_scope.cancel()
 
 
