@@ -24,6 +24,7 @@ from punchgate.specs import (
     TunnelSpec,
     parse_bootstrap_addr,
     parse_expose,
+    parse_host_port,
     parse_interval,
     parse_listen_addr,
     parse_tunnel,
@@ -59,10 +60,17 @@ class Config:
     republish_interval: float = 300.0
     connect_timeout: float = 30.0
     control_socket: Path | None = None  # None: no control socket (the CLI fills in the default)
+    udp_idle: float = 60.0  # a UDP tunnel session without datagrams this long is closed
+    proxy: HostPort | None = None  # the SOCKS5 + HTTP CONNECT entry to every name
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:
         return [t.bind for t in self.tunnels] + [t.bind for t in self.tunnels_by_name]
+
+    def local_binds(self) -> list[tuple[HostPort, str]]:
+        """Every local socket the node binds for tunnels and the proxy, with its transport."""
+        binds = [(t.bind, t.transport) for t in self.tunnels] + [(t.bind, t.transport) for t in self.tunnels_by_name]
+        return binds + ([(self.proxy, "tcp")] if self.proxy is not None else [])
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,8 @@ FLAGS = (
     _Flag("--republish-interval", "PUNCHGATE_REPUBLISH_INTERVAL", "300", parse_interval, False),
     _Flag("--connect-timeout", "PUNCHGATE_CONNECT_TIMEOUT", "30", parse_interval, False),
     _Flag("--control-socket", "PUNCHGATE_CONTROL_SOCKET", "/run/user/1000/punchgate/control.sock", Path, False),
+    _Flag("--udp-idle", "PUNCHGATE_UDP_IDLE", "60", parse_interval, False),
+    _Flag("--proxy", "PUNCHGATE_PROXY", "127.0.0.1:1080", parse_host_port, False),
 )
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -113,13 +123,15 @@ METAVARS = {
     "--identity": "PATH",
     "--listen": "MULTIADDR",
     "--bootstrap": "MULTIADDR",
-    "--expose": "NAME=HOST:PORT",
-    "--tunnel": "PEER_ID:SERVICE@HOST:PORT",
-    "--tunnel-by-name": "SERVICE@HOST:PORT",
+    "--expose": "NAME=HOST:PORT[/udp]",
+    "--tunnel": "PEER_ID:SERVICE@HOST:PORT[/udp]",
+    "--tunnel-by-name": "SERVICE@HOST:PORT[/udp]",
     "--log-format": "console|json",
     "--republish-interval": "SECONDS",
     "--connect-timeout": "SECONDS",
     "--control-socket": "PATH",
+    "--udp-idle": "SECONDS",
+    "--proxy": "HOST:PORT",
 }
 
 
@@ -135,14 +147,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--identity": "Ed25519 key file, created on first run (default identity.key)",
         "--listen": "multiaddr to listen on (repeatable; default TCP and QUIC on all interfaces)",
         "--bootstrap": "peer to dial at start, /ip4/…/tcp/…/p2p/ID (repeatable)",
-        "--expose": "serve local TCP service NAME=HOST:PORT to the mesh (repeatable)",
-        "--tunnel": "forward local HOST:PORT to PEER_ID's SERVICE (repeatable)",
-        "--tunnel-by-name": "forward local HOST:PORT to whoever provides SERVICE (repeatable)",
+        "--expose": "serve local service NAME=HOST:PORT to the mesh; /udp for a UDP service (repeatable)",
+        "--tunnel": "forward local HOST:PORT to PEER_ID's SERVICE; /udp for UDP (repeatable)",
+        "--tunnel-by-name": "forward local HOST:PORT to whoever provides SERVICE; /udp for UDP (repeatable)",
         "--log-format": "console (default) or json (one object per line)",
         "--republish-interval": "seconds between re-announcements of exposed services (default 300)",
         "--connect-timeout": "seconds a local connection waits for a peer and a path before it is"
         " closed (default 30)",
         "--control-socket": "Unix socket answering `punchgate status` (default: in the user's runtime directory)",
+        "--udp-idle": "seconds without a datagram after which a UDP tunnel session is closed (default 60)",
+        "--proxy": "serve SOCKS5 and HTTP CONNECT on HOST:PORT: SERVICE.punchgate or SERVICE.PEER_ID.punchgate"
+        " reach that service",
     }
     for flag in FLAGS:
         parser.add_argument(
@@ -216,6 +231,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         republish_interval=parsed["republish_interval"][0] if parsed["republish_interval"] else 300.0,
         connect_timeout=parsed["connect_timeout"][0] if parsed["connect_timeout"] else 30.0,
         control_socket=parsed["control_socket"][0] if parsed["control_socket"] else None,
+        udp_idle=parsed["udp_idle"][0] if parsed["udp_idle"] else 60.0,
+        proxy=parsed["proxy"][0] if parsed["proxy"] else None,
     )
     _check_unique(config)
     return config
@@ -232,13 +249,14 @@ def _check_unique(config: Config) -> None:
                 "ssh=127.0.0.1:22 --expose web=127.0.0.1:8080",
             )
         seen_names.add(spec.name)
-    seen_binds: set[HostPort] = set()
-    for bind in config.tunnel_binds():
-        if bind in seen_binds:
+    seen_binds: set[tuple[HostPort, str]] = set()
+    for bind, transport in config.local_binds():
+        if (bind, transport) in seen_binds:
+            shown = str(bind) + ("/udp" if transport == "udp" else "")
             raise UsageError(
                 "--tunnel",
-                str(bind),
-                f"two tunnels bind {bind}",
+                shown,
+                f"two tunnels (or a tunnel and --proxy) bind {shown}",
                 "ssh@127.0.0.1:2222 --tunnel-by-name web@127.0.0.1:8080",
             )
-        seen_binds.add(bind)
+        seen_binds.add((bind, transport))
