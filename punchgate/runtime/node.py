@@ -65,6 +65,7 @@ from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.snapshot import node_status
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
+from punchgate.runtime.udp import UdpTunnelClient
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
@@ -113,16 +114,24 @@ class Node:
         self._opened: dict[int, Opened] = {}  # accepted tunnel streams not yet handed over
         self._stopped = False
         self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
-        self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
+        self.service = TunnelService(
+            {s.name: s.target for s in config.expose},
+            self.registry,
+            transports={s.name: s.transport for s in config.expose},
+            udp_idle=config.udp_idle,
+        )
         self.discovery = Discovery(self.host)
         self.relays = Relays(self.host)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
-        self.clients = [
-            TunnelClient(t.service, t.bind, t.peer_id, self.sessions, self.registry, self.post) for t in config.tunnels
-        ] + [
-            TunnelClient(t.service, t.bind, None, self.sessions, self.registry, self.post)
-            for t in config.tunnels_by_name
+        self.clients: list[TunnelClient | UdpTunnelClient] = [
+            UdpTunnelClient(service, bind, peer, self.sessions, self.registry, self.post, config.udp_idle)
+            if transport == "udp"
+            else TunnelClient(service, bind, peer, self.sessions, self.registry, self.post)
+            for service, bind, peer, transport in [
+                *((t.service, t.bind, t.peer_id, t.transport) for t in config.tunnels),
+                *((t.service, t.bind, None, t.transport) for t in config.tunnels_by_name),
+            ]
         ]
         self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
@@ -511,9 +520,11 @@ class Node:
             self.post(ev.StreamFailed(session, attempt, "the connection closed"))
             return
         stream: INetStream | None = None
+        waiting = self.sessions.get(session)
+        transport = waiting.transport if waiting is not None else "tcp"
         try:
             # The request rides with the protocol negotiation: one round trip.
-            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service))
+            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service, transport))
             message, rest = await read_message(stream, already_read=early)
             response = parse_response(message)
         except Exception as exc:  # negotiation, stream and wire errors alike

@@ -10,6 +10,7 @@ from punchgate.runtime.counters import SessionStats
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
+from punchgate.runtime.udp import DatagramResult, DatagramStats, open_service_socket, serve_datagrams
 from punchgate.specs import HostPort
 from punchgate.wire import TunnelResponse, WireError, encode_response, parse_request
 
@@ -21,11 +22,21 @@ log = get_logger("punchgate.tunnel")
 class TunnelService:
     """Answers tunnel requests for the services given with ``--expose``."""
 
-    def __init__(self, services: dict[str, HostPort], registry: SessionRegistry) -> None:
+    def __init__(
+        self,
+        services: dict[str, HostPort],
+        registry: SessionRegistry,
+        transports: dict[str, str] | None = None,  # name -> "udp" for UDP services; TCP otherwise
+        udp_idle: float = 60.0,
+    ) -> None:
         self.services = services
         self.registry = registry
+        self.transports = {name: (transports or {}).get(name, "tcp") for name in services}
+        self.udp_idle = udp_idle
         self.accepted = 0  # tunnel requests accepted so far
-        self.stats = {name: SessionStats() for name in services}  # for `punchgate status`
+        self.stats: dict[str, SessionStats] = {  # for `punchgate status`
+            name: DatagramStats() if self.transports[name] == "udp" else SessionStats() for name in services
+        }
 
     async def handle_stream(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -38,7 +49,8 @@ class TunnelService:
     async def _serve(self, stream: INetStream, peer: str) -> None:
         try:
             message, early_bytes = await read_message(stream)
-            service = parse_request(message).service_name
+            request = parse_request(message)
+            service = request.service_name
         except (WireError, trio.TooSlowError) as exc:
             reason = "no request in time" if isinstance(exc, trio.TooSlowError) else str(exc)
             await _refuse(stream, peer, None, f"bad request: {reason}")
@@ -52,6 +64,13 @@ class TunnelService:
         target = self.services.get(service)
         if target is None:
             await _refuse(stream, peer, service, f"unknown service {service!r}")
+            return
+        if request.transport != self.transports[service]:
+            offered, asked = self.transports[service].upper(), request.transport.upper()
+            await _refuse(stream, peer, service, f"service {service!r} is {offered} here, not {asked}")
+            return
+        if request.transport == "udp":
+            await self._serve_udp(stream, peer, service, target, early_bytes)
             return
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -82,6 +101,43 @@ class TunnelService:
                 service=service,
                 bytes_to_service=result.from_remote,
                 bytes_from_service=result.to_remote,
+                duration_s=round(trio.current_time() - started, 3),
+                error=result.error,
+                interrupted=result.interrupted,
+            )
+
+    async def _serve_udp(self, stream: INetStream, peer: str, service: str, target: HostPort, early: bytes) -> None:
+        try:
+            sock = await open_service_socket(target)
+        except OSError as exc:
+            await _refuse(stream, peer, service, f"service {service!r} at {target}/udp unreachable: {exc}")
+            return
+        started = trio.current_time()
+        try:
+            await stream.write(encode_response(TunnelResponse(True)))
+        except Exception as exc:
+            log.warning("tunnel rejected", peer=peer, service=service, reason=f"stream error: {exc}")
+            sock.close()
+            await _reset(stream)
+            return
+        self.accepted += 1
+        log.info("tunnel accepted", peer=peer, service=service, target=f"{target}/udp", transport="udp")
+        result = DatagramResult()
+        try:
+            with self.stats[service].track(result, peer=peer):
+                await serve_datagrams(sock, stream, result, self.udp_idle, early)
+        finally:
+            log.info(
+                "tunnel closed",
+                peer=peer,
+                service=service,
+                transport="udp",
+                bytes_to_service=result.from_remote,
+                bytes_from_service=result.to_remote,
+                datagrams_to_service=result.datagrams_from_remote,
+                datagrams_from_service=result.datagrams_to_remote,
+                dropped=result.dropped,
+                idle=result.idle,
                 duration_s=round(trio.current_time() - started, 3),
                 error=result.error,
                 interrupted=result.interrupted,
