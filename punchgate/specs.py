@@ -23,6 +23,7 @@ HOSTNAME_RE = re.compile(
 )
 
 
+BASE58_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")
 TRANSPORTS = ("tcp", "udp")
 
 
@@ -112,6 +113,8 @@ def parse_host_port(text: str) -> HostPort:
 
 def parse_peer_id(text: str) -> str:
     """Check that ``text`` is a libp2p peer ID (multiaddr's /p2p codec validates it)."""
+    if not BASE58_RE.match(text):  # also keeps out "ID/tcp/1", which multiaddr would read as two parts
+        raise SpecError(f"{text!r} is not a valid peer ID")
     try:
         multiaddr.Multiaddr(f"/p2p/{text}")
     except (MultiaddrError, ValueError):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from conftest import address_of, free_port, start_node
+from test_tunnels import raw_tunnel_stream, read_answer
+
 from punchgate.runtime.udp import DatagramQueue, DatagramResult
 from punchgate.specs import ExposeSpec, HostPort, TunnelByNameSpec, TunnelSpec
 from punchgate.wire import encode_request, parse_response
-from test_tunnels import raw_tunnel_stream, read_answer
 
 TEST_TIMEOUT = 60
 RECEIVE_TIMEOUT = 10  # one datagram's round trip through the tunnel, at most
@@ -87,7 +87,7 @@ async def test_1000_datagrams_of_1_to_65000_bytes_keep_every_boundary():
     window = 8  # datagrams in flight: well inside every socket buffer on the way
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            provider, client, port = await udp_pair(nursery)
+            _provider, client, port = await udp_pair(nursery)
             sock = await udp_client()
             received: list[bytes] = []
 
@@ -201,7 +201,7 @@ async def test_a_datagram_the_service_socket_cannot_send_is_dropped_and_counted(
         pytest.skip("no IPv6 on this machine")
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            provider, client, port = await udp_pair(nursery, bind_host="::1")
+            provider, _client, port = await udp_pair(nursery, bind_host="::1")
             sock = await udp_client("::1")
             await sock.sendto(os.urandom(65520), ("::1", port))
             assert await round_trip(sock, port, b"after", "::1") == b"after"
@@ -309,7 +309,7 @@ async def test_dns_query_through_the_tunnel_to_dnsmasq(dnsmasq):
             raise AssertionError(f"dnsmasq did not answer: {log.read_text()}")
         assert dns_a_records(data, 1) == ["192.0.2.44"]
         async with trio.open_nursery() as nursery:
-            provider, client, port = await udp_pair(nursery, target_port=dns_port, service="dns", by_name=True)
+            _provider, _client, port = await udp_pair(nursery, target_port=dns_port, service="dns", by_name=True)
             for query_id in (0x1234, 0x4321):
                 answer = await round_trip(sock, port, dns_query("printer.example.test", query_id))
                 assert dns_a_records(answer, query_id) == ["192.0.2.44"]

@@ -57,6 +57,7 @@ from punchgate.runtime.host import (
 from punchgate.runtime.mdns import MdnsDiscovery
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.pinger import Pinger
+from punchgate.runtime.proxy import ProxyServer
 from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
 from punchgate.runtime.reachability import PROTOCOL_V1 as DIALBACK_PROTOCOL_V1
 from punchgate.runtime.reachability import DialbackServer, check
@@ -124,7 +125,7 @@ class Node:
         self.relays = Relays(self.host)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
-        self.clients: list[TunnelClient | UdpTunnelClient] = [
+        self.clients: list[TunnelClient | UdpTunnelClient | ProxyServer] = [
             UdpTunnelClient(service, bind, peer, self.sessions, self.registry, self.post, config.udp_idle)
             if transport == "udp"
             else TunnelClient(service, bind, peer, self.sessions, self.registry, self.post)
@@ -133,6 +134,8 @@ class Node:
                 *((t.service, t.bind, None, t.transport) for t in config.tunnels_by_name),
             ]
         ]
+        if config.proxy is not None:
+            self.clients.append(ProxyServer(config.proxy, self.sessions, self.registry, self.post))
         self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
         self.pinger = Pinger(self.host)

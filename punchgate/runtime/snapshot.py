@@ -146,6 +146,7 @@ def _tunnels(node: Node) -> list[dict[str, Any]]:
                 "bytes_from_remote": stats["bytes_from_remote"],
                 "oldest_age_s": stats["oldest_age_s"],
                 "transport": getattr(client, "transport", "tcp"),
+                "kind": getattr(client, "kind", "tunnel"),  # "tunnel", "proxy" or "connect"
                 **_datagrams(stats, "datagrams_from_remote", "datagrams_to_remote"),
             }
         )

@@ -168,22 +168,35 @@ class TunnelClient:
         return fields
 
     async def _pipe(self, local: trio.SocketStream, session: Session, opened: Opened) -> None:
-        fields = {**self._fields(), "peer": opened.peer, "path": opened.path}
-        if opened.relay is not None:
-            fields["relay"] = opened.relay
-        setup_ms = round((trio.current_time() - session.started) * 1000, 2)
-        log.info("client tunnel opened", **fields, setup_ms=setup_ms)
-        result = session.result = PipeResult()
-        try:
-            with self.stats.track(result, peer=opened.peer, path=opened.path):
-                await pipe(local, opened.stream, result, pending_to_local=opened.early)
-        finally:
-            log.info(
-                "client tunnel closed",
-                **fields,
-                bytes_to_remote=result.to_remote,
-                bytes_from_remote=result.from_remote,
-                duration_s=round(trio.current_time() - session.started, 3),
-                error=result.error,
-                interrupted=result.interrupted,
-            )
+        await pipe_session(local, session, opened, self.stats, self._fields())
+
+
+async def pipe_session(
+    local: trio.SocketStream,
+    session: Session,
+    opened: Opened,
+    stats: SessionStats,
+    fields: dict,
+    pending_to_remote: bytes = b"",
+) -> None:
+    """Pipe a session's local connection and its accepted stream, with the log events and
+    the counters every TCP entry shares (``client tunnel opened`` / ``closed``)."""
+    fields = {**fields, "peer": opened.peer, "path": opened.path}
+    if opened.relay is not None:
+        fields["relay"] = opened.relay
+    setup_ms = round((trio.current_time() - session.started) * 1000, 2)
+    log.info("client tunnel opened", **fields, setup_ms=setup_ms)
+    result = session.result = PipeResult()
+    try:
+        with stats.track(result, peer=opened.peer, path=opened.path):
+            await pipe(local, opened.stream, result, pending_to_local=opened.early, pending_to_remote=pending_to_remote)
+    finally:
+        log.info(
+            "client tunnel closed",
+            **fields,
+            bytes_to_remote=result.to_remote,
+            bytes_from_remote=result.from_remote,
+            duration_s=round(trio.current_time() - session.started, 3),
+            error=result.error,
+            interrupted=result.interrupted,
+        )
