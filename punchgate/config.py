@@ -141,7 +141,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Peer-to-peer, NAT-traversing TCP tunnels over libp2p. Every flag also reads "
         "PUNCHGATE_<FLAG> (comma-separated for repeatable flags); PUNCHGATE_LOG sets the log level.",
         epilog="Service mode: punchgate up [these flags] | punchgate down | punchgate status [--json] | "
-        "punchgate logs [-f] [-n N] (each with --help).",
+        "punchgate logs [-f] [-n N]; punchgate connect [PEER_ID:]SERVICE (each with --help).",
     )
     helps = {
         "--identity": "Ed25519 key file, created on first run (default identity.key)",

@@ -40,6 +40,7 @@ from punchgate import memory
 from punchgate.config import Config
 from punchgate.logs import get_logger
 from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
+from punchgate.runtime.connect import ConnectEntry
 from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
 from punchgate.runtime.handshake import read_message
@@ -136,11 +137,14 @@ class Node:
         ]
         if config.proxy is not None:
             self.clients.append(ProxyServer(config.proxy, self.sessions, self.registry, self.post))
+        self.connects = ConnectEntry(self.sessions, self.registry, self.post)  # `punchgate connect`
         self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
         self.pinger = Pinger(self.host)
         self.relay_expires: dict[str, float] = {}  # relay -> when our reservation ends (Unix time)
-        self.control = ControlServer(config.control_socket, self.status) if config.control_socket else None
+        self.control = (
+            ControlServer(config.control_socket, self.status, self.connects.handle) if config.control_socket else None
+        )
 
     def status(self) -> dict:
         """The node's live status as a plain dict (fields: docs/ARCHITECTURE.md, "Control socket")."""

@@ -131,7 +131,10 @@ def _datagrams(stats: dict[str, Any], from_remote: str, to_remote: str) -> dict[
 
 def _tunnels(node: Node) -> list[dict[str, Any]]:
     rows = []
-    for client in node.clients:
+    entries: list[Any] = list(node.clients)
+    if node.connects.stats.opened:  # `punchgate connect` sessions: a row once there has been one
+        entries.append(node.connects)
+    for client in entries:
         stats = client.stats.snapshot()
         rows.append(
             {

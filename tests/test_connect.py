@@ -1,0 +1,165 @@
+"""`punchgate connect`: standard input and output joined to a service through the running
+node's control socket. The real CLI in a subprocess, real ssh to a throwaway sshd."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import address_of, free_port, start_echo_server, start_node
+
+from punchgate.specs import ExposeSpec, HostPort
+
+TEST_TIMEOUT = 60
+
+
+@pytest.fixture
+def sock_dir():
+    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be too long.
+    with tempfile.TemporaryDirectory(prefix="pgcon-") as directory:
+        yield Path(directory)
+
+
+async def connect(*args: str, stdin: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess:
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [sys.executable, "-m", "punchgate", "connect", *args],
+            stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
+        )
+
+
+async def test_connect_pipes_stdin_and_stdout_with_half_close(sock_dir):
+    payload = os.urandom(3 * 1024 * 1024)
+    control = sock_dir / "control.sock"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            echo_port = await start_echo_server(nursery)
+            provider = await start_node(nursery, expose=(ExposeSpec("echo", HostPort("127.0.0.1", echo_port)),))
+            client = await start_node(nursery, bootstrap=(address_of(provider),), control_socket=control)
+            # By peer, then by name: the echo comes back whole, after stdin's end reached the server.
+            for target in (f"{provider.peer_id}:echo", "echo"):
+                done = await connect("--control-socket", str(control), target, stdin=payload)
+                assert done.returncode == 0, done.stderr
+                assert hashlib.sha256(done.stdout).hexdigest() == hashlib.sha256(payload).hexdigest()
+                assert done.stderr == b""
+            [row] = [t for t in client.status()["tunnels"] if t["kind"] == "connect"]
+            assert row["total_connections"] == 2 and row["bytes_to_remote"] == 2 * len(payload)
+            nursery.cancel_scope.cancel()
+
+
+async def test_connect_errors_are_one_line_with_exit_codes(sock_dir):
+    control = sock_dir / "control.sock"
+    done = await connect("--control-socket", str(control), "ssh")
+    assert done.returncode == 1
+    assert done.stderr.decode().count("\n") == 1 and "no punchgate node is running" in done.stderr.decode()
+    done = await connect("--control-socket", str(control), "bad name")
+    assert done.returncode == 2 and b"example: punchgate connect ssh" in done.stderr
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            provider = await start_node(nursery, expose=(ExposeSpec("web", HostPort("127.0.0.1", free_port())),))
+            await start_node(nursery, bootstrap=(address_of(provider),), control_socket=control)
+            done = await connect("--control-socket", str(control), f"{provider.peer_id}:nosuch")
+            assert done.returncode == 1 and done.stdout == b""
+            [line] = done.stderr.decode().splitlines()
+            assert line.startswith(f"punchgate: error: cannot reach {provider.peer_id}:nosuch:")
+            assert "unknown service 'nosuch'" in line
+            # The service exists but nothing listens behind it: refused with the provider's reason.
+            done = await connect("--control-socket", str(control), f"{provider.peer_id}:web")
+            assert done.returncode == 1 and "unreachable" in done.stderr.decode()
+            nursery.cancel_scope.cancel()
+
+
+# --- a real ssh session through `punchgate connect` ---------------------------------------
+
+
+def ssh_missing() -> str | None:
+    if shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"):
+        return "OpenSSH server not installed (scripts/test.sh installs openssh-server when root)"
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        return "OpenSSH client not installed (scripts/test.sh installs openssh-client when root)"
+    if os.geteuid() != 0:
+        return "needs root (the throwaway sshd lets root in with a temporary key)"
+    return None
+
+
+@pytest.fixture
+def sshd():
+    """A throwaway sshd on 127.0.0.1: its own host key, client key and config in a temp dir."""
+    if missing := ssh_missing():
+        pytest.skip(missing)
+    with tempfile.TemporaryDirectory(prefix="punchgate-sshd-") as directory:
+        d = Path(directory)
+        for name in ("host_key", "client_key"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True, capture_output=True,
+                timeout=30,
+            )
+        shutil.copy(d / "client_key.pub", d / "authorized_keys")
+        os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
+        port = free_port()
+        (d / "sshd_config").write_text(
+            "\n".join([
+                "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {d / 'host_key'}",
+                f"AuthorizedKeysFile {d / 'authorized_keys'}", f"PidFile {d / 'sshd.pid'}", "UsePAM no",
+                "StrictModes no", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "PrintMotd no", "LogLevel ERROR",
+            ]) + "\n"
+        )
+        sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+        with open(d / "sshd.log", "w") as log:
+            proc = subprocess.Popen(
+                [sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(f"sshd did not start: {(d / 'sshd.log').read_text()}") from None
+                    time.sleep(0.05)
+            yield port, d / "client_key"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+async def test_a_real_ssh_session_through_punchgate_connect(sshd, sock_dir):
+    ssh_port, key = sshd
+    control = sock_dir / "control.sock"
+    payload = os.urandom(1024 * 1024)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            provider = await start_node(nursery, expose=(ExposeSpec("ssh", HostPort("127.0.0.1", ssh_port)),))
+            await start_node(nursery, bootstrap=(address_of(provider),), control_socket=control)
+            proxy_command = f"{sys.executable} -m punchgate connect --control-socket {control} ssh"
+            with trio.fail_after(40):
+                done = await trio.run_process(
+                    [
+                        "ssh", "-F", "/dev/null", "-o", f"ProxyCommand={proxy_command}",
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key),
+                        "root@host-behind-punchgate", "echo $((6 * 7)); sha256sum",
+                    ],
+                    stdin=payload, capture_stdout=True, capture_stderr=True, check=False,
+                )
+            assert done.returncode == 0, done.stderr
+            answer, digest = done.stdout.decode().split("\n", 1)
+            assert answer == "42"
+            assert digest.split()[0] == hashlib.sha256(payload).hexdigest()
+            nursery.cancel_scope.cancel()
