@@ -51,7 +51,7 @@ from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.runtime.tunnel_client import Opened, SessionTable, local_session
 from punchgate.specs import HostPort
 from punchgate.state import events as ev
-from punchgate.wire import MAX_DATAGRAM, DatagramDecoder, frame_datagram
+from punchgate.wire import MAX_DATAGRAM, DatagramDecoder
 
 log = get_logger("punchgate.tunnel")
 
@@ -60,6 +60,7 @@ QUEUE_BYTES = 4 << 20
 MAX_FLOWS = 1024  # sources with a session at once, per UDP tunnel listener
 SOCKET_BUFFER = 4 << 20  # SO_RCVBUF / SO_SNDBUF asked for (the kernel caps it at net.core.rmem_max)
 RECEIVE_SIZE = MAX_DATAGRAM + 1  # one byte more than allowed: a longer datagram shows as too long
+BURST = 256  # datagrams read from a socket per scheduler pass
 
 
 @dataclass
@@ -113,7 +114,8 @@ class DatagramQueue:
         while self._items and (not frames or len(frames) + 2 + len(self._items[0]) <= max_bytes):
             datagram = self._items.popleft()
             self._bytes -= len(datagram)
-            frames += frame_datagram(datagram)
+            frames += len(datagram).to_bytes(2, "big")  # wire.frame_datagram, without its copy
+            frames += datagram
             count += 1
             payload += len(datagram)
         return bytes(frames), count, payload
@@ -229,13 +231,16 @@ class DatagramStats(SessionStats):
         return snap
 
 
-async def udp_socket_for(host: str, port: int) -> tuple[trio.socket.SocketType, tuple]:
-    """A UDP socket of the right family for ``host:port`` (resolved), with large buffers."""
+async def udp_socket_for(host: str, port: int) -> tuple[socket.socket, tuple]:
+    """A non-blocking UDP socket of the right family for ``host:port`` (resolved), with
+    large buffers. A plain socket, read and written with :func:`receive_burst` and
+    :func:`send_datagram`: a burst of datagrams costs one scheduler pass, not one each."""
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"cannot resolve {host}")
     family, kind, proto, _, address = infos[0]
-    sock = trio.socket.socket(family, kind, proto)
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
@@ -244,13 +249,54 @@ async def udp_socket_for(host: str, port: int) -> tuple[trio.socket.SocketType, 
     return sock, address
 
 
+class _Receiver:
+    """Reads what a UDP socket has queued, waiting (in trio) only when it has nothing."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray(RECEIVE_SIZE)
+        self._view = memoryview(self._buffer)
+
+    async def burst(self, limit: int = BURST) -> list[tuple[bytes, tuple]]:
+        """At least one (datagram, source) and at most ``limit``; a datagram longer than
+        ``wire.MAX_DATAGRAM`` comes back as it was cut (one byte too long), for the caller to drop."""
+        out: list[tuple[bytes, tuple]] = []
+        while not out:
+            await trio.lowlevel.wait_readable(self.sock)
+            for _ in range(limit):
+                try:
+                    size, source = self.sock.recvfrom_into(self._buffer)
+                except BlockingIOError:
+                    break
+                except OSError:  # an ICMP error about an earlier datagram (ECONNREFUSED): go on
+                    continue
+                out.append((bytes(self._view[:size]), source))
+        await trio.lowlevel.cancel_shielded_checkpoint()  # fairness: a flood cannot starve other tasks
+        return out
+
+
+async def send_datagram(sock: socket.socket, datagram: bytes, destination: tuple | None = None) -> None:
+    """Send one datagram; waits only when the socket's send buffer is full. OSError for a
+    datagram the kernel refuses (EMSGSIZE, ECONNREFUSED after an ICMP error, ENOBUFS)."""
+    while True:
+        try:
+            if destination is None:
+                sock.send(datagram)
+            else:
+                sock.sendto(datagram, destination)
+            return
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
 class _SocketCloser:
     """What the node closes at the end (it awaits ``aclose`` on each listener)."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
 
     async def aclose(self) -> None:
+        trio.lowlevel.notify_closing(self.socket)
         self.socket.close()
 
 
@@ -290,13 +336,13 @@ class UdpTunnelClient:
         self.listeners: list[_SocketCloser] = []
         self.flows: dict[tuple, _Flow] = {}
         self.stats = DatagramStats()
-        self._socket: trio.socket.SocketType | None = None
+        self._socket: socket.socket | None = None
 
     async def open_listeners(self) -> None:
         """Bind the local port now, so that a taken port fails the start."""
         sock, address = await udp_socket_for(self.bind.host, self.bind.port)
         try:
-            await sock.bind(address)
+            sock.bind(address)
         except OSError:
             sock.close()
             raise
@@ -307,23 +353,20 @@ class UdpTunnelClient:
     async def serve(self, handler_nursery: trio.Nursery) -> None:
         sock = self._socket
         assert sock is not None
+        receiver = _Receiver(sock)
         while True:
-            try:
-                datagram, source = await sock.recvfrom(RECEIVE_SIZE)
-            except OSError:
-                await trio.lowlevel.checkpoint()
-                continue  # an error about one earlier datagram; the socket still works
-            if len(datagram) > MAX_DATAGRAM:
-                self.stats.listener_dropped += 1
-                continue
-            flow = self.flows.get(source)
-            if flow is None:
-                if len(self.flows) >= MAX_FLOWS or self.registry.closing:
+            for datagram, source in await receiver.burst():
+                if len(datagram) > MAX_DATAGRAM:
                     self.stats.listener_dropped += 1
                     continue
-                flow = self.flows[source] = _Flow(source)
-                handler_nursery.start_soon(self._run_flow, flow)
-            flow.queue.put(datagram)
+                flow = self.flows.get(source)
+                if flow is None:
+                    if len(self.flows) >= MAX_FLOWS or self.registry.closing:
+                        self.stats.listener_dropped += 1
+                        continue
+                    flow = self.flows[source] = _Flow(source)
+                    handler_nursery.start_soon(self._run_flow, flow)
+                flow.queue.put(datagram)
 
     async def _run_flow(self, flow: _Flow) -> None:
         fields = {"service": self.service, "bind": f"{self.bind}/udp", "source": _show(flow.source)}
@@ -360,7 +403,7 @@ class UdpTunnelClient:
         flow.piped = True
 
         async def send(datagram: bytes) -> None:
-            await sock.sendto(datagram, flow.source)
+            await send_datagram(sock, datagram, flow.source)
 
         try:
             with self.stats.track(result, peer=opened.peer, path=opened.path):
@@ -388,11 +431,11 @@ class UdpTunnelClient:
             )
 
 
-async def open_service_socket(target: HostPort) -> trio.socket.SocketType:
+async def open_service_socket(target: HostPort) -> socket.socket:
     """A UDP socket connected to the exposed service (raises OSError if it cannot be)."""
     sock, address = await udp_socket_for(target.host, target.port)
     try:
-        await sock.connect(address)
+        sock.connect(address)  # UDP: no packet is sent, nothing to wait for
     except OSError:
         sock.close()
         raise
@@ -400,29 +443,30 @@ async def open_service_socket(target: HostPort) -> trio.socket.SocketType:
 
 
 async def serve_datagrams(
-    sock: trio.socket.SocketType, stream: INetStream, result: DatagramResult, idle: float, early: bytes = b""
+    sock: socket.socket, stream: INetStream, result: DatagramResult, idle: float, early: bytes = b""
 ) -> None:
     """The serving side of one UDP session: ``sock`` (connected to the service) <-> ``stream``."""
     queue = DatagramQueue(result)
+    receiver = _Receiver(sock)
 
     async def receive() -> None:
         while True:
-            try:
-                datagram = await sock.recv(RECEIVE_SIZE)
-            except OSError:  # ECONNREFUSED: the service's port answered with ICMP; keep going
-                await trio.lowlevel.checkpoint()
-                continue
-            if len(datagram) > MAX_DATAGRAM:
-                result.dropped += 1
-                continue
-            queue.put(datagram)
+            for datagram, _ in await receiver.burst():
+                if len(datagram) > MAX_DATAGRAM:
+                    result.dropped += 1
+                    continue
+                queue.put(datagram)
+
+    async def send(datagram: bytes) -> None:
+        await send_datagram(sock, datagram)
 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
-            await datagram_pipe(stream, queue, sock.send, result, idle, early)
+            await datagram_pipe(stream, queue, send, result, idle, early)
             nursery.cancel_scope.cancel()
     finally:
+        trio.lowlevel.notify_closing(sock)
         sock.close()
 
 
