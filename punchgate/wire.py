@@ -6,6 +6,8 @@ Wire format, compatible with the Rust original:
                        (+ "transport": "udp" for a UDP service; absent means TCP, so
                        peers that predate UDP see exactly the requests they know)
     server -> client   u32 big-endian length, then JSON {"accepted": true}
+                       (+ "transport": "udp" when accepting a UDP request: a provider
+                       that predates UDP accepts without it, and the client refuses that)
                        or {"accepted": false, "reason": "<text>"}
     then raw bytes both ways until each side half-closes (TCP), or datagrams (UDP):
     each one a u16 big-endian length and that many bytes (:func:`frame_datagram`,
@@ -45,6 +47,7 @@ class TunnelRequest:
 class TunnelResponse:
     accepted: bool
     reason: str | None = None
+    transport: str | None = None  # "udp" when a UDP request is accepted (an older provider would not say it)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -62,6 +65,8 @@ def encode_request(service_name: str, transport: str = "tcp") -> bytes:
 
 def encode_response(response: TunnelResponse) -> bytes:
     if response.accepted:
+        if response.transport not in (None, "tcp"):
+            return encode({"accepted": True, "transport": response.transport})
         return encode({"accepted": True})
     return encode({"accepted": False, "reason": response.reason or "rejected"})
 
@@ -115,7 +120,10 @@ def parse_response(message: dict[str, Any]) -> TunnelResponse:
     reason = message.get("reason")
     if reason is not None and not isinstance(reason, str):
         raise WireError("response 'reason' is not a string")
-    return TunnelResponse(accepted, reason)
+    transport = message.get("transport")
+    if transport is not None and not isinstance(transport, str):
+        raise WireError("response 'transport' is not a string")
+    return TunnelResponse(accepted, reason, transport)
 
 
 # --- datagrams on a stream (UDP services) ---------------------------------------------

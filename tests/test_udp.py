@@ -12,14 +12,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import multiaddr
 import pytest
 import trio
 from conftest import address_of, free_port, start_node
-from test_tunnels import raw_tunnel_stream, read_answer
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from test_tunnels import _run_host, raw_tunnel_stream, read_answer
 
+from punchgate.runtime.handshake import read_message
 from punchgate.runtime.udp import DatagramQueue, DatagramResult
 from punchgate.specs import ExposeSpec, HostPort, TunnelByNameSpec, TunnelSpec
-from punchgate.wire import encode_request, parse_response
+from punchgate.wire import PROTOCOL_ID, TunnelResponse, encode_request, encode_response, parse_response
 
 TEST_TIMEOUT = 60
 RECEIVE_TIMEOUT = 10  # one datagram's round trip through the tunnel, at most
@@ -191,6 +196,49 @@ async def test_transport_mismatch_is_refused_with_a_reason():
             await stream.write(encode_request("dns", "udp") + struct.pack(">H", 5) + b"hello")
             assert parse_response(await read_answer(stream)).accepted
             assert await stream.read(7) == struct.pack(">H", 5) + b"hello"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_provider_that_predates_udp_is_not_sent_datagrams():
+    """An older provider ignores the transport field and accepts as if for TCP (it does not
+    say "transport": "udp"): the client must refuse that answer, not pour framed datagrams
+    into a TCP service."""
+    requests: list[dict] = []
+    after_accept: list[bytes] = []
+
+    async def old_provider(stream) -> None:
+        message, _ = await read_message(stream)
+        requests.append(message)
+        await stream.write(encode_response(TunnelResponse(True)))  # what every older version answers
+        try:
+            while data := await stream.read(65536):
+                after_accept.append(data)
+                await stream.write(data)  # an echo service: would hand the datagrams back
+        except Exception:  # reset by the client: expected
+            pass
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            old = new_host(key_pair=create_new_key_pair(), listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
+            await nursery.start(_run_host, old)
+            old.set_stream_handler(TProtocol(PROTOCOL_ID), old_provider)
+            old_addr = old.get_addrs()[0]
+            port = free_udp_port()
+            client = await start_node(
+                nursery, bootstrap=(old_addr,), tunnels=(TunnelSpec(str(old.get_id()), "dns", HostPort("127.0.0.1", port), "udp"),)
+            )
+            sock = await udp_client()
+            await sock.sendto(b"query", ("127.0.0.1", port))
+            with trio.fail_after(10):
+                while not requests:
+                    await trio.sleep(0.02)
+            with trio.move_on_after(1.5):
+                await sock.recvfrom(70000)
+                raise AssertionError("a datagram came back through a provider that does not serve UDP")
+            assert requests == [{"service_name": "dns", "transport": "udp"}]
+            assert after_accept == []
+            assert client.status()["tunnels"][0]["total_connections"] == 0
+            sock.close()
             nursery.cancel_scope.cancel()
 
 

@@ -16,8 +16,8 @@ from punchgate.wire import (
     TunnelResponse,
     WireError,
     encode_request,
-    frame_datagram,
     encode_response,
+    frame_datagram,
     parse_request,
     parse_response,
 )
@@ -116,6 +116,15 @@ def test_datagrams_survive_any_cut_of_the_stream(datagrams, cuts):
         at, i = at + step, i + 1
     assert out == datagrams
     assert decoder.pending == 0
+
+
+def test_an_accepted_udp_request_says_so_and_tcp_answers_stay_the_old_ones():
+    assert json.loads(encode_response(TunnelResponse(True, transport="udp"))[4:]) == {"accepted": True, "transport": "udp"}
+    assert encode_response(TunnelResponse(True, transport="tcp")) == encode_response(TunnelResponse(True))
+    assert parse_response({"accepted": True}).transport is None  # an older provider
+    assert parse_response({"accepted": True, "transport": "udp"}).transport == "udp"
+    with pytest.raises(WireError):
+        parse_response({"accepted": True, "transport": 17})
 
 
 def test_datagram_limits():

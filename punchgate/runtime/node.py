@@ -74,7 +74,7 @@ from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.state.model import NatStatus
 from punchgate.userdirs import default_control_socket
-from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
+from punchgate.wire import PROTOCOL_ID, TunnelResponse, encode_request, parse_response
 
 log = get_logger("punchgate.node")
 
@@ -534,6 +534,9 @@ class Node:
             stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service, transport))
             message, rest = await read_message(stream, already_read=early)
             response = parse_response(message)
+            if response.accepted and transport == "udp" and response.transport != "udp":
+                # A provider that predates UDP ignores the field and would take datagrams as TCP bytes.
+                response = TunnelResponse(False, f"the provider does not serve UDP (older punchgate): {command.service!r}")
         except Exception as exc:  # negotiation, stream and wire errors alike
             if stream is not None:
                 await _reset(stream)

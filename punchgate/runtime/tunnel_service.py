@@ -114,7 +114,7 @@ class TunnelService:
             return
         started = trio.current_time()
         try:
-            await stream.write(encode_response(TunnelResponse(True)))
+            await stream.write(encode_response(TunnelResponse(True, transport="udp")))
         except Exception as exc:
             log.warning("tunnel rejected", peer=peer, service=service, reason=f"stream error: {exc}")
             sock.close()
