@@ -110,6 +110,11 @@ def relay_stdio(sock: socket.socket, first: bytes = b"", stdin_fd: int = 0, stdo
         _write_all(stdout_fd, first)
         while data := sock.recv(CHUNK):
             _write_all(stdout_fd, data)
+    except BrokenPipeError:
+        # Whoever read our standard output stopped reading (`| head`): the session is of no
+        # more use, and not in error. Leave without waiting for standard input.
+        sock.close()
+        return None
     except OSError as exc:
         problems.append(f"receiving: {exc.strerror or exc}")
     finally:

@@ -1374,9 +1374,11 @@ def main(argv: list[str]) -> int:
         f"{size / MB:g} MB x {args.runs} runs, {args.rtt_count} RTTs, {args.setup_count} setups, 127.0.0.1")
     if "ssh" in info:
         say(f"ssh: {info['ssh']['version']}, default cipher {info['ssh']['cipher']}")
-    say("computing the payload's sha256 ...")
-    expected_digest(size)
-    expected_digest(CHUNK)
+    tcp_selected = any(c in args.paths for c in ("raw", "ssh", "direct", "relayed"))
+    if tcp_selected:
+        say("computing the payload's sha256 ...")
+        expected_digest(size)
+        expected_digest(CHUNK)
 
     workdir = Path(tempfile.mkdtemp(prefix="punchgate-bench-"))
     outer = Cleanup()
@@ -1388,7 +1390,8 @@ def main(argv: list[str]) -> int:
         sink, echo = start_servers(outer)
         for column in ("raw", "ssh", "direct", "relayed"):
             if column in na:
-                say(f"\n== {TITLES[column]}: n/a ({na[column]})")
+                if tcp_selected:
+                    say(f"\n== {TITLES[column]}: n/a ({na[column]})")
                 continue
             say(f"\n== {TITLES[column]}")
             cleanup = Cleanup()
@@ -1465,7 +1468,7 @@ def main(argv: list[str]) -> int:
         if column not in results and column not in na:
             na[column] = "not measured (interrupted)"
 
-    rows = report(results, na, size, args.runs)
+    rows = report(results, na, size, args.runs) if tcp_selected else []
     report_entries(entries)
     total = time.monotonic() - started
     say(f"\ntotal {total:.0f} s")

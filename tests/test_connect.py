@@ -56,6 +56,45 @@ async def test_connect_pipes_stdin_and_stdout_with_half_close(sock_dir):
             nursery.cancel_scope.cancel()
 
 
+def reader_that_stops_early(control: Path, target: str) -> tuple[int, bytes]:
+    """`punchgate connect` with stdin left open and stdout read for 100 bytes, then closed
+    (as `| head -c 100` does); its exit status and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "punchgate", "connect", "--control-socket", str(control), target],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(os.urandom(4 * 1024 * 1024))  # echoed back: more than a pipe holds
+        proc.stdin.flush()
+        assert len(proc.stdout.read(100)) == 100
+        proc.stdout.close()
+        code = proc.wait(timeout=15)  # stdin is still open: it must not wait for it
+        return code, proc.stderr.read() if proc.stderr else b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pipe in (proc.stdin, proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except BrokenPipeError:
+                    pass
+
+
+async def test_a_reader_that_stops_early_ends_the_session_quietly(sock_dir):
+    control = sock_dir / "control.sock"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            echo_port = await start_echo_server(nursery)
+            provider = await start_node(nursery, expose=(ExposeSpec("echo", HostPort("127.0.0.1", echo_port)),))
+            await start_node(nursery, bootstrap=(address_of(provider),), control_socket=control)
+            code, stderr = await trio.to_thread.run_sync(reader_that_stops_early, control, "echo")
+            assert (code, stderr) == (0, b"")
+            nursery.cancel_scope.cancel()
+
+
 async def test_connect_errors_are_one_line_with_exit_codes(sock_dir):
     control = sock_dir / "control.sock"
     done = await connect("--control-socket", str(control), "ssh")
