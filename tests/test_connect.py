@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 import trio
 from conftest import address_of, free_port, start_echo_server, start_node
 
+from punchgate.devtools.echo import EchoServer
+from punchgate.devtools.processes import PunchgateProcess
 from punchgate.specs import ExposeSpec, HostPort
 
 TEST_TIMEOUT = 60
@@ -202,3 +205,91 @@ async def test_a_real_ssh_session_through_punchgate_connect(sshd, sock_dir):
             assert answer == "42"
             assert digest.split()[0] == hashlib.sha256(payload).hexdigest()
             nursery.cancel_scope.cancel()
+
+
+# --- real processes: the flags as a user gives them, and SIGTERM with every entry open ----
+
+
+def udp_echo_thread() -> tuple[socket.socket, int]:
+    """A UDP echo server in a thread (the node under test is another process)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                data, source = sock.recvfrom(70000)
+                sock.sendto(data, source)
+            except OSError:
+                return  # closed at the end of the test
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, sock.getsockname()[1]
+
+
+def test_sigterm_with_udp_proxy_and_connect_sessions_open_exits_0_within_5s(tmp_path, sock_dir):
+    udp_echo, udp_port = udp_echo_thread()
+    started: list[PunchgateProcess] = []
+    connect_proc = None
+    try:
+        with EchoServer() as echo:
+            provider = PunchgateProcess(
+                "--identity", str(tmp_path / "p.key"), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
+                "--control-socket", str(sock_dir / "p.sock"),
+                "--expose", f"echo=127.0.0.1:{echo.port}", "--expose", f"uecho=127.0.0.1:{udp_port}/udp",
+            )
+            started.append(provider)
+            provider_id = provider.wait_event("punchgate starting")["peer_id"]
+            tunnel_port, proxy_port, control = free_port(), free_port(), sock_dir / "c.sock"
+            client = PunchgateProcess(
+                "--identity", str(tmp_path / "c.key"), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
+                "--bootstrap", provider.tcp_address(), "--control-socket", str(control), "--udp-idle", "30",
+                "--tunnel", f"{provider_id}:uecho@127.0.0.1:{tunnel_port}/udp", "--proxy", f"127.0.0.1:{proxy_port}",
+            )
+            started.append(client)
+            client.wait_event("phase transition", to_phase="ready")
+            assert client.wait_event("proxy listening")["bind"] == f"127.0.0.1:{proxy_port}"
+
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.settimeout(10)
+            udp.sendto(b"datagram", ("127.0.0.1", tunnel_port))
+            assert udp.recvfrom(100)[0] == b"datagram"
+            proxied = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+            proxied.sendall(b"\x05\x01\x00")
+            assert proxied.recv(2) == b"\x05\x00"
+            proxied.sendall(b"\x05\x01\x00\x03\x0eecho.punchgate\x00\x07")
+            assert proxied.recv(10)[:2] == b"\x05\x00"
+            proxied.sendall(b"through the proxy")
+            assert proxied.recv(100) == b"through the proxy"
+            connect_proc = subprocess.Popen(
+                [sys.executable, "-m", "punchgate", "connect", "--control-socket", str(control), "echo"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            assert connect_proc.stdin is not None and connect_proc.stdout is not None
+            connect_proc.stdin.write(b"through connect\n")
+            connect_proc.stdin.flush()
+            assert connect_proc.stdout.readline() == b"through connect\n"
+            for entry in ("udp", "proxy", "connect"):
+                client.wait_for(lambda e, entry=entry: e.get("event") == "client tunnel opened"
+                                and (e.get("transport") == "udp" if entry == "udp" else e.get("entry") == entry))
+
+            code, seconds = client.terminate_and_wait(timeout=10)
+            assert code == 0 and seconds < 5, (code, seconds)
+            proxied.settimeout(5)
+            try:
+                assert proxied.recv(100) == b""  # closed, not left hanging
+            except ConnectionResetError:
+                pass
+            proxied.close()
+            assert connect_proc.wait(timeout=10) == 0  # ended with the node, its stdin still open
+            client.drain()
+            closed = [e for e in client.events() if e.get("event") == "client tunnel closed"]
+            assert {e.get("entry") or e.get("transport") for e in closed} == {"udp", "proxy", "connect"}
+            udp.close()
+    finally:
+        if connect_proc is not None and connect_proc.poll() is None:
+            connect_proc.kill()
+            connect_proc.wait(10)
+        for proc in started:
+            proc.kill()
+        udp_echo.close()
