@@ -4,6 +4,7 @@ node's control socket. The real CLI in a subprocess, real ssh to a throwaway ssh
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -293,3 +294,39 @@ def test_sigterm_with_udp_proxy_and_connect_sessions_open_exits_0_within_5s(tmp_
         for proc in started:
             proc.kill()
         udp_echo.close()
+
+
+async def test_connect_protocol_on_the_socket_bytes_after_the_line_and_bad_requests(sock_dir):
+    """Data sent in the same write as the request line is the session's first bytes; bad
+    connect requests get one error line; the status op still answers meanwhile."""
+    control = sock_dir / "control.sock"
+
+    async def exchange_raw(payload: bytes) -> bytes:
+        stream = await trio.open_unix_socket(str(control))
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            data = bytearray()
+            with trio.fail_after(15):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+        return bytes(data)
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            echo_port = await start_echo_server(nursery)
+            provider = await start_node(nursery, expose=(ExposeSpec("echo", HostPort("127.0.0.1", echo_port)),))
+            await start_node(nursery, bootstrap=(address_of(provider),), control_socket=control)
+            answer = await exchange_raw(b'{"op": "connect", "service": "echo", "peer": null}\nfirst bytes')
+            line, _, rest = answer.partition(b"\n")
+            assert json.loads(line) == {"ok": True, "peer": str(provider.peer_id), "path": "direct"}
+            assert rest == b"first bytes"
+            for request, words in (
+                (b'{"op": "connect"}\n', "bad request"),
+                (b'{"op": "connect", "service": "bad name"}\n', "bad request"),
+                (b'{"op": "connect", "service": "echo", "peer": "12D3KooW/tcp/1"}\n', "not a valid peer ID"),
+            ):
+                [line] = (await exchange_raw(request)).splitlines()
+                assert words in json.loads(line)["error"], line
+            assert json.loads(await exchange_raw(b'{"op": "ping"}\n')) == {"ok": True}
+            nursery.cancel_scope.cancel()

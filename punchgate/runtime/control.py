@@ -192,7 +192,7 @@ class ControlServer:
 
     def _connect_request(self, request: bytes | dict[str, Any]) -> dict[str, Any] | None:
         """The parsed request if it is a connect request this server takes over, else None."""
-        if self.connect is None or isinstance(request, dict) or b'"connect"' not in request:
+        if self.connect is None or isinstance(request, dict):
             return None
         try:
             message = json.loads(request.decode("utf-8"))
