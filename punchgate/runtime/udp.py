@@ -172,7 +172,8 @@ async def datagram_pipe(
         try:
             await direction()
         except Exception as exc:  # stream reset/closed/error from libp2p, or the UDP socket closed
-            result.error = result.error or f"stream: {type(exc).__name__} {exc}".strip()
+            side = "local socket" if isinstance(exc, (OSError, trio.ClosedResourceError)) else "stream"
+            result.error = result.error or f"{side}: {type(exc).__name__} {exc}".strip()
         nursery.cancel_scope.cancel()
 
     try:
@@ -233,7 +234,7 @@ class DatagramStats(SessionStats):
 
 async def udp_socket_for(host: str, port: int) -> tuple[socket.socket, tuple]:
     """A non-blocking UDP socket of the right family for ``host:port`` (resolved), with
-    large buffers. A plain socket, read and written with :func:`receive_burst` and
+    large buffers. A plain socket, read with :class:`_Receiver` and written with
     :func:`send_datagram`: a burst of datagrams costs one scheduler pass, not one each."""
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
