@@ -62,6 +62,7 @@ class Config:
     control_socket: Path | None = None  # None: no control socket (the CLI fills in the default)
     udp_idle: float = 60.0  # a UDP tunnel session without datagrams this long is closed
     proxy: HostPort | None = None  # the SOCKS5 + HTTP CONNECT entry to every name
+    port_mapping: bool = True  # ask the router (NAT-PMP, UPnP) to forward a public port to us
     shutdown_grace: float = field(default=3.0, compare=False)
 
     def tunnel_binds(self) -> list[HostPort]:
@@ -170,6 +171,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-mdns", action="store_true", default=None, help="do not look for peers on the LAN with mDNS"
     )
+    parser.add_argument(
+        "--no-port-mapping", action="store_true", default=None,
+        help="do not ask the router (NAT-PMP, UPnP IGD) to forward a public port to this node",
+    )
     parser.add_argument("--version", action="version", version=f"punchgate {__version__}")
     return parser
 
@@ -216,6 +221,10 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
     if no_mdns_env not in TRUE_WORDS + FALSE_WORDS:
         raise UsageError("PUNCHGATE_NO_MDNS", no_mdns_env, "must be true or false", "true")
     mdns = not (args.no_mdns or no_mdns_env in TRUE_WORDS)
+    no_mapping_env = env.get("PUNCHGATE_NO_PORT_MAPPING", "").strip().lower()
+    if no_mapping_env not in TRUE_WORDS + FALSE_WORDS:
+        raise UsageError("PUNCHGATE_NO_PORT_MAPPING", no_mapping_env, "must be true or false", "true")
+    port_mapping = not (args.no_port_mapping or no_mapping_env in TRUE_WORDS)
 
     listen = parsed["listen"] or [parse_listen_addr(a) for a in DEFAULT_LISTEN]
     config = Config(
@@ -233,6 +242,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         control_socket=parsed["control_socket"][0] if parsed["control_socket"] else None,
         udp_idle=parsed["udp_idle"][0] if parsed["udp_idle"] else 60.0,
         proxy=parsed["proxy"][0] if parsed["proxy"] else None,
+        port_mapping=port_mapping,
     )
     _check_unique(config)
     return config

@@ -73,6 +73,8 @@ def env_lines(argv: Sequence[str], cwd: Path, default_identity: Path) -> list[st
     values.setdefault("PUNCHGATE_IDENTITY", str(default_identity))
     if args.no_mdns:
         values["PUNCHGATE_NO_MDNS"] = "true"
+    if args.no_port_mapping:
+        values["PUNCHGATE_NO_PORT_MAPPING"] = "true"
     return [f"{key}={_quote_env(value)}" for key, value in values.items()]
 
 

@@ -127,6 +127,11 @@ def render(status: dict[str, Any], console: Console, service: dict[str, Any] | N
     node.add_row("uptime", _duration(status.get("uptime_s")))
     node.add_row("phase", _value(status.get("phase")))
     node.add_row("NAT", f"{_value(nat.get('status'))} ({how})")
+    mapping = status.get("port_mapping")
+    if mapping:  # absent on older nodes, None when turned off
+        where = ", ".join(mapping.get("addresses") or []) or "-"
+        checked = "reachable" if mapping.get("confirmed") else "not confirmed"
+        node.add_row("port mapping", f"{_value(mapping.get('status'))} {_value(mapping.get('method'))}: {where} ({checked})")
     node.add_row("listening", "\n".join(status.get("listen_addrs") or []) or "-")
     node.add_row("advertised", "\n".join(status.get("advertised_addrs") or []) or "-")
     console.print(node)

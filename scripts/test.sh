@@ -22,6 +22,12 @@ if [ "$(id -u)" = 0 ] && ! { command -v dnsmasq && command -v curl && command -v
     [ "$status" = 0 ] || exit "$status"
 fi
 
+# Port mapping tests (tests/test_port_mapping.py): miniupnpd (its nftables build) and nft; root only.
+if [ "$(id -u)" = 0 ] && ! { command -v miniupnpd && command -v nft; } >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq miniupnpd-nftables miniupnpd nftables >/dev/null
+fi
+
 # The js-libp2p peer of tests/test_js_interop.py (tests/js/): its npm packages, when npm is
 # here and they are missing or older than the lock file.
 if command -v npm >/dev/null 2>&1 && ! [ tests/js/node_modules/.package-lock.json -nt tests/js/package-lock.json ]; then

@@ -54,6 +54,13 @@ def test_mdns_on_by_default_and_off_by_flag_or_variable():
     assert parse_config(["--republish-interval", "60"], {}).republish_interval == 60.0
 
 
+def test_port_mapping_on_by_default_and_off_by_flag_or_variable():
+    assert parse_config([], {}).port_mapping is True
+    assert parse_config(["--no-port-mapping"], {}).port_mapping is False
+    assert parse_config([], {"PUNCHGATE_NO_PORT_MAPPING": "yes"}).port_mapping is False
+    assert parse_config([], {"PUNCHGATE_NO_PORT_MAPPING": "false"}).port_mapping is True
+
+
 def test_environment_lists_are_comma_separated_and_flags_win():
     env = {
         "PUNCHGATE_EXPOSE": "a=127.0.0.1:1, b=127.0.0.1:2",
@@ -94,6 +101,7 @@ def test_environment_lists_are_comma_separated_and_flags_win():
         (["--proxy", "127.0.0.1:9", "--tunnel-by-name", "b@127.0.0.1:9"], {}, "--tunnel"),
         (["--proxy", "localhost"], {}, "--proxy"),
         (["--udp-idle", "0.5"], {}, "--udp-idle"),
+        ([], {"PUNCHGATE_NO_PORT_MAPPING": "maybe"}, "PUNCHGATE_NO_PORT_MAPPING"),
     ],
 )
 def test_bad_values_name_the_flag_and_give_an_example(argv, env, flag):

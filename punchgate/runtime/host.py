@@ -39,7 +39,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.transport.quic.connection import QUICConnection
 
 from punchgate import libp2p_fixes
-from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
 from punchgate.specs import transport_of
 
 DIAL_TIMEOUT = 10.0
@@ -110,6 +110,18 @@ def known_addrs(host: IHost, peer_id: ID) -> list[multiaddr.Multiaddr]:
         return list(host.get_peerstore().addrs(peer_id))
     except Exception:  # PeerStoreError
         return []
+
+
+def own_record_addrs(host: IHost, peer_id: ID) -> list[str]:
+    """The addresses ``peer_id`` itself last advertised, as its signed peer record says (from
+    identify or a DHT answer): not addresses others saw it at (a hole-punched connection's
+    address works only with a punch)."""
+    try:
+        envelope = host.get_peerstore().get_peer_record(peer_id)
+        addrs = [] if envelope is None else envelope.record().addrs
+    except Exception:  # unknown peer, or a record that does not decode
+        return []
+    return [str(a) for a in addrs if "/p2p-circuit" in str(a) or not is_unhelpful_addr(a)]
 
 
 def relay_of(conn: INetConn) -> str | None:

@@ -39,7 +39,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from punchgate import memory
 from punchgate.config import Config
 from punchgate.logs import get_logger
-from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
+from punchgate.runtime.addresses import AddressBook
 from punchgate.runtime.connect import ConnectEntry
 from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
@@ -53,11 +53,13 @@ from punchgate.runtime.host import (
     dial_direct,
     known_addrs,
     live_connection,
+    own_record_addrs,
     relay_of,
 )
 from punchgate.runtime.mdns import MdnsDiscovery
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.pinger import Pinger
+from punchgate.runtime.portmap import LEASE, PortMapper, PortMappingError, mappable_ports
 from punchgate.runtime.proxy import ProxyServer
 from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
 from punchgate.runtime.reachability import PROTOCOL_V1 as DIALBACK_PROTOCOL_V1
@@ -68,7 +70,6 @@ from punchgate.runtime.snapshot import node_status
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
 from punchgate.runtime.udp import UdpTunnelClient
-from punchgate.specs import transport_of, without_peer_id
 from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
@@ -81,6 +82,7 @@ log = get_logger("punchgate.node")
 PEERSTORE_TTL = 365 * 24 * 3600  # addresses given by the user do not expire
 LEARNT_TTL = 600  # addresses learnt from records and identify are hints
 CLOSE_TIMEOUT = 3.0  # closing our connections at shutdown
+UNMAP_TIMEOUT = 3.0  # removing our port mapping from the router (at shutdown too)
 MEMORY_INTERVAL = 2.0  # the memory of peers is written at most this often
 
 
@@ -108,6 +110,8 @@ class Node:
             republish_interval=config.republish_interval,
             connect_timeout=config.connect_timeout,
             known=tuple(KnownPeer(k.peer_id, k.addrs, k.services, k.bootstrap) for k in self.memory.peers.values()),
+            # A node for this machine only (loopback) has nothing a router could forward to.
+            port_mapping=config.port_mapping and bool(mappable_ports(config.listen)),
         )
         self._memory_dirty = trio.Event()
         self._events_in, self._events_out = trio.open_memory_channel[ev.Event](math.inf)
@@ -126,6 +130,7 @@ class Node:
         self.relays = Relays(self.host)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
+        self.port_mapper = PortMapper(seed=str(self.peer_id))
         self.clients: list[TunnelClient | UdpTunnelClient | ProxyServer] = [
             UdpTunnelClient(service, bind, peer, self.sessions, self.registry, self.post, config.udp_idle)
             if transport == "udp"
@@ -289,16 +294,23 @@ class Node:
                 self._spawn(attempt, self._dial_bootstrap, peer_id, attempt)
             case cmd.JoinDht(peer_id=peer_id):
                 self._nursery.start_soon(self._join_dht, peer_id)
-            case cmd.CheckReachability(peer_id=peer_id, attempt=attempt):
-                self._spawn(attempt, self._check_reachability, peer_id, attempt)
+            case cmd.CheckReachability(peer_id=peer_id, attempt=attempt, ports=ports):
+                self._spawn(attempt, self._check_reachability, peer_id, attempt, ports)
             case cmd.SetDhtMode(server=server):
                 self._nursery.start_soon(self.discovery.set_mode, server)
             case cmd.ReserveRelay(relay_peer_id=relay, attempt=attempt):
                 self._spawn(attempt, self._reserve, relay, attempt)
-            case cmd.Advertise(direct=direct, relay=relay):
+            case cmd.Advertise(direct=direct, relay=relay, mapped=mapped):
                 self.address_book.direct = direct
                 self.address_book.relay_addrs = self.relays.circuit_addrs(ID.from_base58(relay)) if relay else []
+                self.address_book.mapped_addrs = [multiaddr.Multiaddr(a) for a in mapped]
                 log.info("advertising", addresses=[str(a) for a in self.host.get_addrs()])
+                # Tell connected peers at once (identify push), as the spec says a peer should.
+                self._nursery.start_soon(self.host._push_identify_to_all_peers)  # type: ignore[attr-defined]
+            case cmd.MapPorts(attempt=attempt):
+                self._spawn(attempt, self._map_ports, attempt)
+            case cmd.UnmapPorts():
+                self._nursery.start_soon(self._unmap_ports)
             case cmd.PublishServices(names=names, attempt=attempt):
                 self._spawn(attempt, self._publish, names, attempt)
             case cmd.StartTunnelListeners():
@@ -346,10 +358,8 @@ class Node:
             case cmd.Remember(peer_id=peer_id, service=service, addrs=addrs, bootstrap=bootstrap):
                 if bootstrap and not addrs:
                     addrs = tuple(str(a) for a in self.bootstrap_addrs.get(peer_id, ()))
-                else:  # what else we know of the peer: identify's listen addresses, the addresses we dialled
-                    known = known_addrs(self.host, ID.from_base58(peer_id))
-                    dialable = [str(without_peer_id(a)) for a in known if transport_of(a) == "tcp" and not is_unhelpful_addr(a)]
-                    addrs = (*dialable, *addrs)
+                else:  # and what the peer itself last said (its signed record: identify, DHT answers)
+                    addrs = (*addrs, *own_record_addrs(self.host, ID.from_base58(peer_id)))
                 self.memory = self.memory.remember(peer_id, addrs, service, bootstrap, time.time())
                 self._memory_dirty.set()
             case cmd.Note(event=event, fields=fields, level=level):
@@ -397,19 +407,20 @@ class Node:
         log.info("dht joined", peer=peer_id, routing_table_size=size)
         self.post(ev.DhtJoined(peer_id))
 
-    async def _check_reachability(self, peer_id: str, attempt: int) -> None:
+    async def _check_reachability(self, peer_id: str, attempt: int, ports: tuple[int, ...] = ()) -> None:
         started = trio.current_time()
         try:
             verdict = await check(
                 self.host,
                 ID.from_base58(peer_id),
                 lambda keeps: self.post(ev.PortMappingObserved(peer_id, attempt, keeps)),
+                list(ports) or None,
             )
             status, method, details, keeps = verdict.status, verdict.method, verdict.details, verdict.port_preserving
         except Exception as exc:  # the helper vanished or answered nonsense
             status, method, details, keeps = NatStatus.UNKNOWN, "error", {"error": f"{type(exc).__name__}: {exc}"}, None
         log.info(
-            "reachability",
+            "port mapping checked" if ports else "reachability",  # the mapped ports, or our own
             status=status.value,
             method=method,
             checked_by=peer_id,
@@ -420,6 +431,43 @@ class Node:
             duration_ms=round((trio.current_time() - started) * 1000, 1),
         )
         self.post(ev.ReachabilityChecked(peer_id, attempt, status, method, keeps, details.get("error")))
+
+    async def _map_ports(self, attempt: int) -> None:
+        started = trio.current_time()
+        renewal = self.port_mapper.mapping is not None
+        ports = mappable_ports(self.host.get_transport_addrs())
+        try:
+            mapping = await self.port_mapper.map(ports, LEASE)
+        except PortMappingError as exc:  # the machine says so (once) and decides when to ask again
+            log.debug("port mapping failed", reason=str(exc), duration_ms=round((trio.current_time() - started) * 1000, 1))
+            self.post(ev.PortMappingFailed(attempt, str(exc)))
+            return
+        external = tuple(mapping.ports[port] for port in ports)
+        log.info(
+            "port mapping renewed" if renewal else "port mapped",
+            method=mapping.method,
+            gateway=mapping.gateway,
+            addresses=[f"/ip4/{mapping.external_ip}/tcp/{port}" for port in external],
+            listen_ports=ports,
+            lease_s=mapping.lease,
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.PortsMapped(attempt, mapping.method, mapping.external_ip, external, float(mapping.lease)))
+
+    async def _unmap_ports(self) -> None:
+        """Remove our mapping from the router; shielded, so that it ends (within UNMAP_TIMEOUT)
+        even when the node is stopping: a forwarding left behind would outlive us."""
+        with trio.CancelScope(shield=True), trio.move_on_after(UNMAP_TIMEOUT) as bounded:
+            try:
+                removed = await self.port_mapper.unmap()
+            except Exception as exc:  # the router went away meanwhile: its lease ends it
+                log.warning("port mapping not removed", reason=f"{type(exc).__name__}: {exc}")
+                return
+        if bounded.cancelled_caught:
+            log.warning("port mapping not removed", reason=f"no answer within {UNMAP_TIMEOUT:g} s")
+        elif removed is not None:
+            log.info("port mapping removed", method=removed.method,
+                     addresses=[f"/ip4/{removed.external_ip}/tcp/{p}" for p in removed.ports.values()])
 
     async def _reserve(self, relay: str, attempt: int) -> None:
         started = trio.current_time()

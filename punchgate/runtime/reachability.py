@@ -76,7 +76,7 @@ class DialbackServer:
 
     def __init__(self, host: IHost) -> None:
         self.host = host
-        self._last_answered: dict[tuple[ID, int], float] = {}
+        self._last_answered: dict[tuple[ID, int, tuple[int, ...]], float] = {}
         self.autonat = FreshDialAutoNAT(host, serve=True)  # type: ignore[arg-type]
 
     async def handle_stream(self, stream: INetStream) -> None:
@@ -101,9 +101,14 @@ class DialbackServer:
         peer = stream.muxed_conn.peer_id
         if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
             return {"error": "dial-back is not offered over relayed connections"}
-        # Once per connection and MIN_INTERVAL (a node that restarted asks again on its
-        # new connection at once; asking more often needs a new Noise handshake each time).
-        key = (peer, id(stream.muxed_conn))
+        message, _ = await read_message(stream, REQUEST_TIMEOUT)
+        ports = message.get("ports")
+        if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+            raise WireError("ports must be a list of port numbers")
+        # Once per connection, question and MIN_INTERVAL (a node that restarted asks again on
+        # its new connection at once; its own ports and its router's mapped ones are two
+        # questions, asked at the same moment; asking more often needs a new Noise handshake).
+        key = (peer, id(stream.muxed_conn), tuple(sorted(ports[:MAX_PORTS])))
         now = trio.current_time()
         if now - self._last_answered.get(key, -MIN_INTERVAL) < MIN_INTERVAL:
             return {"error": "asked too often"}
@@ -111,10 +116,6 @@ class DialbackServer:
         if len(self._last_answered) > 4096:  # forget the oldest requesters
             for old in sorted(self._last_answered, key=self._last_answered.__getitem__)[:2048]:
                 del self._last_answered[old]
-        message, _ = await read_message(stream, REQUEST_TIMEOUT)
-        ports = message.get("ports")
-        if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
-            raise WireError("ports must be a list of port numbers")
         remote = stream.get_remote_address()
         if remote is None:
             return {"error": "cannot see your address"}
@@ -136,19 +137,23 @@ class DialbackServer:
         return {"reachable": False, "observed": observed}
 
 
-async def check(host: IHost, server: ID, on_mapping: Callable[[bool], None] = lambda keeps: None) -> Verdict:
-    """Ask ``server`` whether we are reachable, with the first protocol it speaks.
+async def check(
+    host: IHost, server: ID, on_mapping: Callable[[bool], None] = lambda keeps: None, ports: list[int] | None = None
+) -> Verdict:
+    """Ask ``server`` whether we are reachable, with the first protocol it speaks: on our
+    listen ports, or on ``ports`` (the external ports our router maps to us).
 
     ``on_mapping(port_preserving)`` is called as soon as that is known (before the verdict)."""
     conn = _direct_connection(host, server)
     if conn is None:
         return Verdict(NatStatus.UNKNOWN, "dialback", details={"error": "not connected directly"})
-    ports = _tcp_listen_ports(host)
+    if ports is None:
+        ports = _tcp_listen_ports(host)
+        keeps = await _mapping_from_identify(host, conn)
+        if keeps is not None:
+            on_mapping(keeps)
     if not ports:
         return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP listen address"})
-    keeps = await _mapping_from_identify(host, conn)
-    if keeps is not None:
-        on_mapping(keeps)
     for protocol in (PROTOCOL_ID, PROTOCOL_V1):
         try:
             return await _dialback(conn, ports, protocol, on_mapping)

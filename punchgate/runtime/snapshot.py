@@ -30,6 +30,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "uptime_s": round(time.time() - node.started_at, 1),
         "phase": node.state.phase.value,
         "nat": _nat(node),
+        "port_mapping": _port_mapping(node),
         "listen_addrs": _listen_addrs(node),
         "advertised_addrs": [str(a) for a in node.host.get_addrs()],
         "relays": _relays(node),
@@ -48,6 +49,18 @@ def _nat(node: Node) -> dict[str, Any]:
         "learnt_by": nat.learnt_by,
         # False: our NAT maps each flow to a new port (symmetric), so no hole punch is tried
         "port_preserving": nat.port_preserving,
+    }
+
+
+def _port_mapping(node: Node) -> dict[str, Any] | None:
+    if not node.state.settings.port_mapping or not node.state.bootstrap:
+        return None  # --no-port-mapping, no bootstrap peers, or listening on loopback only
+    pm = node.state.portmap
+    return {
+        "status": pm.status.value,  # idle, mapping, mapped, failed
+        "method": pm.method,  # natpmp, upnp, or None
+        "addresses": list(pm.external),  # what the router forwards to us
+        "confirmed": pm.confirmed,  # a dial-back got through it: advertised
     }
 
 
