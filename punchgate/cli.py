@@ -1,8 +1,9 @@
 """The ``punchgate`` command: parse the configuration, load the identity, run the node.
 
-``punchgate up|down|status|logs`` are the service-mode and status commands
-(``punchgate/commands.py``), ``punchgate network-key new PATH`` makes a private-network
-key (``punchgate/netkey.py``); anything else runs the node.
+``punchgate up|down|status|logs`` are the service-mode and status commands and
+``punchgate connect`` joins stdin/stdout to a service (``punchgate/commands.py``);
+``punchgate network-key new PATH`` makes a private-network key (``punchgate/netkey.py``);
+anything else runs the node.
 
 Exit status: 0 after a clean shutdown, 1 when the node cannot start (identity file,
 network key, allow file, taken port), 2 for a bad flag or variable (one line on stderr
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 from punchgate.config import Config, UsageError, parse_config
 
-SUBCOMMANDS = ("up", "down", "status", "logs")
+SUBCOMMANDS = ("up", "down", "status", "logs", "connect")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

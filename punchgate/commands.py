@@ -27,7 +27,8 @@ def run_subcommand(name: str, argv: Sequence[str]) -> int:
     from punchgate.service import ServiceError
 
     try:
-        return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs}[name](list(argv))
+        commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "logs": cmd_logs, "connect": cmd_connect}
+        return commands[name](list(argv))
     except UsageError as exc:
         return _fail(str(exc), 2)
     except ServiceError as exc:
@@ -112,3 +113,20 @@ def cmd_status(argv: list[str]) -> int:
     else:
         print_status(status, service)
     return 0
+
+
+def cmd_connect(argv: list[str]) -> int:
+    from punchgate.connect import main
+    from punchgate.userdirs import default_control_socket
+
+    parser = _parser(
+        "connect",
+        "Join standard input and output to SERVICE through the running node, e.g. "
+        "ssh -o ProxyCommand='punchgate connect ssh' host. Exit 1 with the reason on stderr when the "
+        "node cannot reach it.",
+    )
+    parser.add_argument("target", metavar="[PEER_ID:]SERVICE", help="a service by name, or on one peer")
+    parser.add_argument("--control-socket", metavar="PATH", help="the node's control socket (default: as the node's)")
+    args = parser.parse_args(argv)
+    path = Path(args.control_socket).expanduser() if args.control_socket else default_control_socket()
+    return main([args.target], path)

@@ -26,6 +26,7 @@ from punchgate.specs import (
     TunnelSpec,
     parse_bootstrap_addr,
     parse_expose,
+    parse_host_port,
     parse_interval,
     parse_listen_addr,
     parse_tunnel,
@@ -61,6 +62,8 @@ class Config:
     republish_interval: float = 300.0
     connect_timeout: float = 30.0
     control_socket: Path | None = None  # None: no control socket (the CLI fills in the default)
+    udp_idle: float = 60.0  # a UDP tunnel session without datagrams this long is closed
+    proxy: HostPort | None = None  # the SOCKS5 + HTTP CONNECT entry to every name
     port_mapping: bool = True  # ask the router (NAT-PMP, UPnP) to forward a public port to us
     # access control (see punchgate/access.py and punchgate/limits.py)
     allow: tuple[tuple[str, frozenset[str]], ...] = ()
@@ -71,6 +74,11 @@ class Config:
 
     def tunnel_binds(self) -> list[HostPort]:
         return [t.bind for t in self.tunnels] + [t.bind for t in self.tunnels_by_name]
+
+    def local_binds(self) -> list[tuple[HostPort, str]]:
+        """Every local socket the node binds for tunnels and the proxy, with its transport."""
+        binds = [(t.bind, t.transport) for t in self.tunnels] + [(t.bind, t.transport) for t in self.tunnels_by_name]
+        return binds + ([(self.proxy, "tcp")] if self.proxy is not None else [])
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ FLAGS = (
     _Flag("--allow-file", "PUNCHGATE_ALLOW_FILE", "/etc/punchgate/allow", Path, False),
     _Flag("--network-key", "PUNCHGATE_NETWORK_KEY", "/etc/punchgate/network.key", Path, False),
     _Flag("--limit", "PUNCHGATE_LIMIT", "tunnel_streams_per_peer=16", parse_limit, True),
+    _Flag("--udp-idle", "PUNCHGATE_UDP_IDLE", "60", parse_interval, False),
+    _Flag("--proxy", "PUNCHGATE_PROXY", "127.0.0.1:1080", parse_host_port, False),
 )
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -126,9 +136,9 @@ METAVARS = {
     "--identity": "PATH",
     "--listen": "MULTIADDR",
     "--bootstrap": "MULTIADDR",
-    "--expose": "NAME=HOST:PORT",
-    "--tunnel": "PEER_ID:SERVICE@HOST:PORT",
-    "--tunnel-by-name": "SERVICE@HOST:PORT",
+    "--expose": "NAME=HOST:PORT[/udp]",
+    "--tunnel": "PEER_ID:SERVICE@HOST:PORT[/udp]",
+    "--tunnel-by-name": "SERVICE@HOST:PORT[/udp]",
     "--log-format": "console|json",
     "--republish-interval": "SECONDS",
     "--connect-timeout": "SECONDS",
@@ -137,6 +147,8 @@ METAVARS = {
     "--allow-file": "PATH",
     "--network-key": "PATH",
     "--limit": "NAME=VALUE",
+    "--udp-idle": "SECONDS",
+    "--proxy": "HOST:PORT",
 }
 
 
@@ -146,15 +158,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Peer-to-peer, NAT-traversing TCP tunnels over libp2p. Every flag also reads "
         "PUNCHGATE_<FLAG> (comma-separated for repeatable flags); PUNCHGATE_LOG sets the log level.",
         epilog="Service mode: punchgate up [these flags] | punchgate down | punchgate status [--json] | "
-        "punchgate logs [-f] [-n N] (each with --help).",
+        "punchgate logs [-f] [-n N]; punchgate connect [PEER_ID:]SERVICE (each with --help).",
     )
     helps = {
         "--identity": "Ed25519 key file, created on first run (default identity.key)",
         "--listen": "multiaddr to listen on (repeatable; default TCP and QUIC on all interfaces)",
         "--bootstrap": "peer to dial at start, /ip4/…/tcp/…/p2p/ID (repeatable)",
-        "--expose": "serve local TCP service NAME=HOST:PORT to the mesh (repeatable)",
-        "--tunnel": "forward local HOST:PORT to PEER_ID's SERVICE (repeatable)",
-        "--tunnel-by-name": "forward local HOST:PORT to whoever provides SERVICE (repeatable)",
+        "--expose": "serve local service NAME=HOST:PORT to the mesh; /udp for a UDP service (repeatable)",
+        "--tunnel": "forward local HOST:PORT to PEER_ID's SERVICE; /udp for UDP (repeatable)",
+        "--tunnel-by-name": "forward local HOST:PORT to whoever provides SERVICE; /udp for UDP (repeatable)",
         "--log-format": "console (default) or json (one object per line)",
         "--republish-interval": "seconds between re-announcements of exposed services (default 300)",
         "--connect-timeout": "seconds a local connection waits for a peer and a path before it is"
@@ -168,6 +180,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         " 'punchgate network-key new PATH'): only peers holding it can connect; turns QUIC off",
         "--limit": "change a resource cap, e.g. tunnel_sessions=1024 (repeatable; see README,"
         " Access control)",
+        "--udp-idle": "seconds without a datagram after which a UDP tunnel session is closed (default 60)",
+        "--proxy": "serve SOCKS5 and HTTP CONNECT on HOST:PORT: SERVICE.punchgate or SERVICE.PEER_ID.punchgate"
+        " reach that service",
     }
     for flag in FLAGS:
         parser.add_argument(
@@ -249,6 +264,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
         republish_interval=parsed["republish_interval"][0] if parsed["republish_interval"] else 300.0,
         connect_timeout=parsed["connect_timeout"][0] if parsed["connect_timeout"] else 30.0,
         control_socket=parsed["control_socket"][0] if parsed["control_socket"] else None,
+        udp_idle=parsed["udp_idle"][0] if parsed["udp_idle"] else 60.0,
+        proxy=parsed["proxy"][0] if parsed["proxy"] else None,
         port_mapping=port_mapping,
         allow=tuple(parsed["allow"]),
         allow_file=parsed["allow_file"][0] if parsed["allow_file"] else None,
@@ -270,13 +287,14 @@ def _check_unique(config: Config) -> None:
                 "ssh=127.0.0.1:22 --expose web=127.0.0.1:8080",
             )
         seen_names.add(spec.name)
-    seen_binds: set[HostPort] = set()
-    for bind in config.tunnel_binds():
-        if bind in seen_binds:
+    seen_binds: set[tuple[HostPort, str]] = set()
+    for bind, transport in config.local_binds():
+        if (bind, transport) in seen_binds:
+            shown = str(bind) + ("/udp" if transport == "udp" else "")
             raise UsageError(
                 "--tunnel",
-                str(bind),
-                f"two tunnels bind {bind}",
+                shown,
+                f"two tunnels (or a tunnel and --proxy) bind {shown}",
                 "ssh@127.0.0.1:2222 --tunnel-by-name web@127.0.0.1:8080",
             )
-        seen_binds.add(bind)
+        seen_binds.add((bind, transport))

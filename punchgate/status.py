@@ -95,6 +95,13 @@ def _value(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _udp(row: dict[str, Any]) -> str:
+    """'/udp' after a UDP service's or tunnel's address, with what it dropped if anything."""
+    if row.get("transport") != "udp":
+        return ""
+    return "/udp" + (f" ({row['dropped']} dropped)" if row.get("dropped") else "")
+
+
 def _table(title: str, columns: list[str]) -> Table:
     table = Table(
         title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False
@@ -144,13 +151,16 @@ def render(status: dict[str, Any], console: Console, service: dict[str, Any] | N
     services = _table("Services", ["name", "target", "open", "total", "in (from peers)", "out (to peers)"])
     for row in status.get("services") or []:
         services.add_row(
-            row["name"], row["target"], str(row.get("connections", 0)), _value(row.get("total_connections")),
+            row["name"], row["target"] + _udp(row), str(row.get("connections", 0)), _value(row.get("total_connections")),
             _size(row.get("bytes_in")), _size(row.get("bytes_out")),
         )
     tunnels = _table("Tunnels", ["bind", "service", "peer", "path", "open", "total", "to remote", "from remote", "oldest"])
     for row in status.get("tunnels") or []:
+        kind = row.get("kind", "tunnel")
         tunnels.add_row(
-            row["bind"], row["service"] + (" (by name)" if row.get("by_name") else ""), _value(row.get("peer")),
+            row["bind"] + _udp(row),
+            row["service"] + (f" ({kind})" if kind != "tunnel" else " (by name)" if row.get("by_name") else ""),
+            _value(row.get("peer")),
             _value(row.get("path")), str(row.get("connections", 0)), _value(row.get("total_connections")),
             _size(row.get("bytes_to_remote")), _size(row.get("bytes_from_remote")), _duration(row.get("oldest_age_s")),
         )

@@ -96,6 +96,12 @@ def test_environment_lists_are_comma_separated_and_flags_win():
         (["--republish-interval", "0"], {}, "--republish-interval"),
         (["--republish-interval", "soon"], {}, "--republish-interval"),
         ([], {"PUNCHGATE_NO_MDNS": "maybe"}, "PUNCHGATE_NO_MDNS"),
+        (["--expose", "dns=127.0.0.1:53/sctp"], {}, "--expose"),
+        (["--tunnel-by-name", "dns@127.0.0.1:5353/"], {}, "--tunnel-by-name"),
+        (["--tunnel-by-name", "a@127.0.0.1:9/udp", "--tunnel-by-name", "b@127.0.0.1:9/udp"], {}, "--tunnel"),
+        (["--proxy", "127.0.0.1:9", "--tunnel-by-name", "b@127.0.0.1:9"], {}, "--tunnel"),
+        (["--proxy", "localhost"], {}, "--proxy"),
+        (["--udp-idle", "0.5"], {}, "--udp-idle"),
         ([], {"PUNCHGATE_NO_PORT_MAPPING": "maybe"}, "PUNCHGATE_NO_PORT_MAPPING"),
         (["--allow", "ssh"], {}, "--allow"),
         (["--allow", "ssh=somebody"], {}, "--allow"),
@@ -113,6 +119,33 @@ def test_bad_values_name_the_flag_and_give_an_example(argv, env, flag):
     assert message.startswith(flag)
     assert "example:" in message
     assert "\n" not in message
+
+
+def test_udp_suffix_proxy_and_udp_idle():
+    config = parse_config(
+        [
+            "--expose", "dns=127.0.0.1:53/udp",
+            "--expose", "web=127.0.0.1:80/tcp",
+            "--tunnel", f"{PEER}:dns@127.0.0.1:5353/udp",
+            "--tunnel-by-name", "dns@[::1]:5353/UDP",
+            "--tunnel-by-name", "ssh@127.0.0.1:5353",  # the same port over TCP is another socket
+            "--proxy", "127.0.0.1:1080",
+            "--udp-idle", "5",
+        ],
+        {},
+    )
+    assert [(e.name, e.target, e.transport) for e in config.expose] == [
+        ("dns", HostPort("127.0.0.1", 53), "udp"),
+        ("web", HostPort("127.0.0.1", 80), "tcp"),
+    ]
+    assert (config.tunnels[0].bind, config.tunnels[0].transport) == (HostPort("127.0.0.1", 5353), "udp")
+    assert [(t.bind, t.transport) for t in config.tunnels_by_name] == [
+        (HostPort("::1", 5353), "udp"), (HostPort("127.0.0.1", 5353), "tcp"),
+    ]
+    assert config.proxy == HostPort("127.0.0.1", 1080) and config.udp_idle == 5.0
+    defaults = parse_config([], {})
+    assert defaults.proxy is None and defaults.udp_idle == 60.0
+    assert parse_config([], {"PUNCHGATE_PROXY": "127.0.0.1:1081"}).proxy == HostPort("127.0.0.1", 1081)
 
 
 def test_specs_reject_ambiguous_ipv6_and_accept_brackets():

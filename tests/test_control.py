@@ -119,7 +119,7 @@ async def test_status_of_nodes_with_a_tunnel_json_and_table(sock_dir):
             [service] = json.loads(done.stdout)["services"]
             assert service == {
                 "name": "echo", "target": f"127.0.0.1:{echo_port}", "connections": 1, "total_connections": 2,
-                "bytes_in": 100_005, "bytes_out": 100_005, "oldest_age_s": service["oldest_age_s"],
+                "bytes_in": 100_005, "bytes_out": 100_005, "oldest_age_s": service["oldest_age_s"], "transport": "tcp",
             }
 
             # The table: one row per tunnel and peer, readable without a terminal.

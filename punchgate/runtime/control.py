@@ -5,6 +5,9 @@ one JSON line and closes.
 
 * ``{"op": "status"}`` -> the node's status object (see docs/ARCHITECTURE.md, "Control socket").
 * ``{"op": "ping"}`` -> ``{"ok": true}``.
+* ``{"op": "connect", "service": …, "peer": …}`` -> the connection becomes a tunnel
+  session (``runtime/connect.py``, ``punchgate connect``): not limited to one exchange,
+  and not counted among the :data:`MAX_CLIENTS` requests served at once.
 * anything else -> ``{"error": "..."}``: an unknown op, a request that is not a JSON object,
   longer than :data:`MAX_REQUEST` bytes, or not complete within :data:`READ_DEADLINE` seconds.
 
@@ -25,7 +28,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,10 +115,14 @@ def _is_live(path: Path) -> bool:
     return True
 
 
+Connect = Callable[[trio.SocketStream, dict[str, Any], bytes], Awaitable[None]]
+
+
 class ControlServer:
-    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]], connect: Connect | None = None) -> None:
         self.path = path
         self.status = status
+        self.connect = connect  # takes over a connection whose request is {"op": "connect", ...}
         self._sock: socket.socket | None = None
         self._inode: int | None = None
         self._limiter = trio.CapacityLimiter(MAX_CLIENTS)
@@ -173,26 +180,46 @@ class ControlServer:
             pass
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream, self._limiter:
-            request = await self._read_request(stream)
-            reply = request if isinstance(request, dict) else answer(request, self.status)
-            data = json.dumps(reply, default=str).encode() + b"\n"
-            with trio.move_on_after(WRITE_DEADLINE):
-                try:
-                    await stream.send_all(data)
-                    await stream.send_eof()
-                    # Read what is left of an oversized request (bounded) before closing:
-                    # closing with unread input would reset the connection under the answer.
-                    with trio.move_on_after(DRAIN_DEADLINE):
-                        for _ in range(DRAIN_READS):
-                            if not await stream.receive_some(65536):
-                                break
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the client left; nothing to tell it
+        async with stream:
+            async with self._limiter:
+                request, rest = await self._read_request(stream)
+                takeover = self._connect_request(request)
+                if takeover is None:
+                    await self._reply(stream, request)
+                    return
+            assert self.connect is not None
+            await self.connect(stream, takeover, rest)
+
+    def _connect_request(self, request: bytes | dict[str, Any]) -> dict[str, Any] | None:
+        """The parsed request if it is a connect request this server takes over, else None."""
+        if self.connect is None or isinstance(request, dict):
+            return None
+        try:
+            message = json.loads(request.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return message if isinstance(message, dict) and message.get("op") == "connect" else None
+
+    async def _reply(self, stream: trio.SocketStream, request: bytes | dict[str, Any]) -> None:
+        reply = request if isinstance(request, dict) else answer(request, self.status)
+        data = json.dumps(reply, default=str).encode() + b"\n"
+        with trio.move_on_after(WRITE_DEADLINE):
+            try:
+                await stream.send_all(data)
+                await stream.send_eof()
+                # Read what is left of an oversized request (bounded) before closing:
+                # closing with unread input would reset the connection under the answer.
+                with trio.move_on_after(DRAIN_DEADLINE):
+                    for _ in range(DRAIN_READS):
+                        if not await stream.receive_some(65536):
+                            break
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left; nothing to tell it
 
     @staticmethod
-    async def _read_request(stream: trio.SocketStream) -> bytes | dict[str, Any]:
-        """The request line, or an error answer (too long, too slow, connection broken)."""
+    async def _read_request(stream: trio.SocketStream) -> tuple[bytes | dict[str, Any], bytes]:
+        """The request line, or an error answer (too long, too slow, connection broken),
+        and the bytes that followed the line (a connect session's first data)."""
         buffer = bytearray()
         with trio.move_on_after(READ_DEADLINE):
             try:
@@ -201,12 +228,12 @@ class ControlServer:
                     if not data:
                         break  # a request without newline ends at EOF
                     buffer += data
-                    if len(buffer) > MAX_REQUEST:
-                        return {"error": f"bad request: longer than {MAX_REQUEST} bytes"}
+                    if len(buffer) > MAX_REQUEST and b"\n" not in buffer:
+                        return {"error": f"bad request: longer than {MAX_REQUEST} bytes"}, b""
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return {"error": "connection broken"}
-            line = bytes(buffer).split(b"\n", 1)[0]
+                return {"error": "connection broken"}, b""
+            line, _, rest = bytes(buffer).partition(b"\n")
             if len(line) >= MAX_REQUEST:
-                return {"error": f"bad request: longer than {MAX_REQUEST} bytes"}
-            return line
-        return {"error": f"bad request: no complete request line within {READ_DEADLINE:.0f} s"}
+                return {"error": f"bad request: longer than {MAX_REQUEST} bytes"}, b""
+            return line, rest
+        return {"error": f"bad request: no complete request line within {READ_DEADLINE:.0f} s"}, b""

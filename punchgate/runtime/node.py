@@ -42,6 +42,7 @@ from punchgate.libp2p_fixes.inbound import raise_backlog
 from punchgate.logs import get_logger
 from punchgate.runtime.access_control import AccessControl
 from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.connect import ConnectEntry
 from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
 from punchgate.runtime.handshake import read_message
@@ -62,6 +63,7 @@ from punchgate.runtime.mdns import MdnsDiscovery
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.pinger import Pinger
 from punchgate.runtime.portmap import LEASE, PortMapper, PortMappingError, mappable_ports
+from punchgate.runtime.proxy import ProxyServer
 from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
 from punchgate.runtime.reachability import PROTOCOL_V1 as DIALBACK_PROTOCOL_V1
 from punchgate.runtime.reachability import DialbackServer, check
@@ -70,12 +72,13 @@ from punchgate.runtime.sessions import SessionRegistry
 from punchgate.runtime.snapshot import node_status
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
+from punchgate.runtime.udp import UdpTunnelClient
 from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.state.model import NatStatus
 from punchgate.userdirs import default_control_socket
-from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
+from punchgate.wire import PROTOCOL_ID, TunnelResponse, encode_request, parse_response
 
 log = get_logger("punchgate.node")
 
@@ -131,7 +134,12 @@ class Node:
         self._stopped = False
         self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
         self.service = TunnelService(
-            {s.name: s.target for s in config.expose}, self.registry, self.access.policy, config.limits
+            {s.name: s.target for s in config.expose},
+            self.registry,
+            self.access.policy,
+            config.limits,
+            transports={s.name: s.transport for s in config.expose},
+            udp_idle=config.udp_idle,
         )
         self.access.subscribers.append(self.service.set_policy)
         self.discovery = Discovery(self.host)
@@ -139,17 +147,25 @@ class Node:
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
         self.port_mapper = PortMapper(seed=str(self.peer_id))
-        self.clients = [
-            TunnelClient(t.service, t.bind, t.peer_id, self.sessions, self.registry, self.post) for t in config.tunnels
-        ] + [
-            TunnelClient(t.service, t.bind, None, self.sessions, self.registry, self.post)
-            for t in config.tunnels_by_name
+        self.clients: list[TunnelClient | UdpTunnelClient | ProxyServer] = [
+            UdpTunnelClient(service, bind, peer, self.sessions, self.registry, self.post, config.udp_idle)
+            if transport == "udp"
+            else TunnelClient(service, bind, peer, self.sessions, self.registry, self.post)
+            for service, bind, peer, transport in [
+                *((t.service, t.bind, t.peer_id, t.transport) for t in config.tunnels),
+                *((t.service, t.bind, None, t.transport) for t in config.tunnels_by_name),
+            ]
         ]
+        if config.proxy is not None:
+            self.clients.append(ProxyServer(config.proxy, self.sessions, self.registry, self.post))
+        self.connects = ConnectEntry(self.sessions, self.registry, self.post)  # `punchgate connect`
         self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
         self.pinger = Pinger(self.host)
         self.relay_expires: dict[str, float] = {}  # relay -> when our reservation ends (Unix time)
-        self.control = ControlServer(config.control_socket, self.status) if config.control_socket else None
+        self.control = (
+            ControlServer(config.control_socket, self.status, self.connects.handle) if config.control_socket else None
+        )
 
     def status(self) -> dict:
         """The node's live status as a plain dict (fields: docs/ARCHITECTURE.md, "Control socket")."""
@@ -590,11 +606,16 @@ class Node:
             self.post(ev.StreamFailed(session, attempt, "the connection closed"))
             return
         stream: INetStream | None = None
+        waiting = self.sessions.get(session)
+        transport = waiting.transport if waiting is not None else "tcp"
         try:
             # The request rides with the protocol negotiation: one round trip.
-            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service))
+            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service, transport))
             message, rest = await read_message(stream, already_read=early)
             response = parse_response(message)
+            if response.accepted and transport == "udp" and response.transport != "udp":
+                # A provider that predates UDP ignores the field and would take datagrams as TCP bytes.
+                response = TunnelResponse(False, f"the provider does not serve UDP (older punchgate): {command.service!r}")
         except Exception as exc:  # negotiation, stream and wire errors alike
             if stream is not None:
                 await _reset(stream)

@@ -123,14 +123,31 @@ def _services(node: Node) -> list[dict[str, Any]]:
                 "bytes_in": stats["bytes_from_remote"],  # from peers, written to the service
                 "bytes_out": stats["bytes_to_remote"],  # read from the service, sent to peers
                 "oldest_age_s": stats["oldest_age_s"],
+                "transport": node.service.transports.get(name, "tcp"),
+                **_datagrams(stats, "datagrams_in", "datagrams_out"),
             }
         )
     return rows
 
 
+def _datagrams(stats: dict[str, Any], from_remote: str, to_remote: str) -> dict[str, Any]:
+    """UDP rows only: datagrams each way (under the row's names) and those dropped (queue
+    overflow, too long, refused by the local socket)."""
+    if "dropped" not in stats:
+        return {}
+    return {
+        from_remote: stats["datagrams_from_remote"],
+        to_remote: stats["datagrams_to_remote"],
+        "dropped": stats["dropped"],
+    }
+
+
 def _tunnels(node: Node) -> list[dict[str, Any]]:
     rows = []
-    for client in node.clients:
+    entries: list[Any] = list(node.clients)
+    if node.connects.stats.opened:  # `punchgate connect` sessions: a row once there has been one
+        entries.append(node.connects)
+    for client in entries:
         stats = client.stats.snapshot()
         rows.append(
             {
@@ -144,6 +161,9 @@ def _tunnels(node: Node) -> list[dict[str, Any]]:
                 "bytes_to_remote": stats["bytes_to_remote"],
                 "bytes_from_remote": stats["bytes_from_remote"],
                 "oldest_age_s": stats["oldest_age_s"],
+                "transport": getattr(client, "transport", "tcp"),
+                "kind": getattr(client, "kind", "tunnel"),  # "tunnel", "proxy" or "connect"
+                **_datagrams(stats, "datagrams_from_remote", "datagrams_to_remote"),
             }
         )
     return rows

@@ -34,6 +34,7 @@ from punchgate.runtime.counters import SessionStats
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
+from punchgate.runtime.udp import DatagramResult, DatagramStats, open_service_socket, serve_datagrams
 from punchgate.specs import HostPort
 from punchgate.wire import TunnelResponse, WireError, encode_response, parse_request
 
@@ -53,9 +54,13 @@ class TunnelService:
         registry: SessionRegistry,
         policy: AccessPolicy | None = None,
         limits: Limits | None = None,
+        transports: dict[str, str] | None = None,  # name -> "udp" for UDP services; TCP otherwise
+        udp_idle: float = 60.0,
     ) -> None:
         self.services = services
         self.registry = registry
+        self.transports = {name: (transports or {}).get(name, "tcp") for name in services}
+        self.udp_idle = udp_idle
         self.policy = policy or AccessPolicy.open()
         limits = limits or Limits()
         self.admission = StreamAdmission(
@@ -63,7 +68,9 @@ class TunnelService:
         )
         self.throttle = LogThrottle()
         self.accepted = 0  # tunnel requests accepted so far
-        self.stats = {name: SessionStats() for name in services}  # for `punchgate status`
+        self.stats: dict[str, SessionStats] = {  # for `punchgate status`
+            name: DatagramStats() if self.transports[name] == "udp" else SessionStats() for name in services
+        }
         self.refused = 0  # tunnel streams refused, for any reason
         self._live: dict[trio.CancelScope, tuple[str, str]] = {}  # open tunnels: (peer, service)
 
@@ -92,7 +99,8 @@ class TunnelService:
     async def _serve(self, stream: INetStream, peer: str, scope: trio.CancelScope) -> None:
         try:
             message, early_bytes = await read_message(stream)
-            service = parse_request(message).service_name
+            request = parse_request(message)
+            service = request.service_name
         except (WireError, trio.TooSlowError) as exc:
             reason = "no request in time" if isinstance(exc, trio.TooSlowError) else str(exc)
             await self._refuse(stream, peer, None, f"bad request: {reason}")
@@ -108,6 +116,13 @@ class TunnelService:
             await self._refuse(stream, peer, service, decision.reason or "refused", decision.detail)
             return
         target = self.services[service]
+        if request.transport != self.transports[service]:
+            offered, asked = self.transports[service].upper(), request.transport.upper()
+            await self._refuse(stream, peer, service, f"service {service!r} is {offered} here, not {asked}")
+            return
+        if request.transport == "udp":
+            await self._serve_udp(stream, peer, service, target, early_bytes, scope)
+            return
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 local = await trio.open_tcp_stream(target.host, target.port)
@@ -143,6 +158,48 @@ class TunnelService:
                 error=result.error,
                 interrupted=result.interrupted,
             )
+
+    async def _serve_udp(
+        self, stream: INetStream, peer: str, service: str, target: HostPort, early: bytes, scope: trio.CancelScope
+    ) -> None:
+        try:
+            sock = await open_service_socket(target)
+        except OSError as exc:
+            await self._refuse(stream, peer, service, f"service {service!r} at {target}/udp unreachable: {exc}")
+            return
+        started = trio.current_time()
+        try:
+            await stream.write(encode_response(TunnelResponse(True, transport="udp")))
+        except Exception as exc:
+            log.warning("tunnel rejected", peer=peer, service=service, reason=f"stream error: {exc}")
+            sock.close()
+            await _reset(stream)
+            return
+        self.accepted += 1
+        log.info("tunnel accepted", peer=peer, service=service, target=f"{target}/udp", transport="udp")
+        result = DatagramResult()
+        self._live[scope] = (peer, service)
+        try:
+            with self.stats[service].track(result, peer=peer):
+                await serve_datagrams(sock, stream, result, self.udp_idle, early)
+        finally:
+            del self._live[scope]
+            log.info(
+                "tunnel closed",
+                peer=peer,
+                service=service,
+                transport="udp",
+                bytes_to_service=result.from_remote,
+                bytes_from_service=result.to_remote,
+                datagrams_to_service=result.datagrams_from_remote,
+                datagrams_from_service=result.datagrams_to_remote,
+                dropped=result.dropped,
+                idle=result.idle,
+                duration_s=round(trio.current_time() - started, 3),
+                error=result.error,
+                interrupted=result.interrupted,
+            )
+
 
     async def _refuse(
         self, stream: INetStream, peer: str, service: str | None, reason: str, detail: str | None = None
