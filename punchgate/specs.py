@@ -163,7 +163,8 @@ def _parse_multiaddr(text: str) -> multiaddr.Multiaddr:
     try:
         return multiaddr.Multiaddr(text)
     except (MultiaddrError, ValueError) as exc:
-        raise SpecError(f"{text!r} is not a multiaddr ({exc})") from None
+        detail = " ".join(str(exc).split())  # the library's messages may span lines
+        raise SpecError(f"{text!r} is not a multiaddr ({detail})") from None
 
 
 def _transport_of(names: list[str]) -> str | None:
