@@ -303,8 +303,8 @@ class Node:
                 session = self.sessions.get(session_id)
                 if session is not None:
                     session.refuse(event, reason)
-            case cmd.CloseConnection(peer_id=peer_id, relay=relay):
-                conn = live_connection(self.host, ID.from_base58(peer_id), "tcp" if relay is None else "relay", relay)
+            case cmd.CloseConnection(peer_id=peer_id, relay=relay, transport=transport):
+                conn = live_connection(self.host, ID.from_base58(peer_id), transport if relay is None else "relay", relay)
                 if conn is not None:
                     log.warning("closing a stalled connection", peer=peer_id, relay=relay)
                     self._nursery.start_soon(conn.close)
@@ -317,7 +317,9 @@ class Node:
                     addrs = tuple(str(a) for a in self.bootstrap_addrs.get(peer_id, ()))
                 else:  # what else we know of the peer: identify's listen addresses, the addresses we dialled
                     known = known_addrs(self.host, ID.from_base58(peer_id))
-                    dialable = [str(without_peer_id(a)) for a in known if transport_of(a) == "tcp" and not is_unhelpful_addr(a)]
+                    dialable = [
+                        str(without_peer_id(a)) for a in known if transport_of(a) is not None and not is_unhelpful_addr(a)
+                    ]
                     addrs = (*dialable, *addrs)
                 self.memory = self.memory.remember(peer_id, addrs, service, bootstrap, time.time())
                 self._memory_dirty.set()
@@ -342,7 +344,7 @@ class Node:
 
     async def _dial_bootstrap(self, peer_id: str, attempt: int) -> None:
         pid = ID.from_base58(peer_id)
-        if live_connection(self.host, pid, "tcp") is None:
+        if live_connection(self.host, pid, "tcp") is None and live_connection(self.host, pid, "quic") is None:
             try:
                 await dial_direct(self.host, pid, self.bootstrap_addrs[peer_id])
             except Exception as exc:  # every dial error means "not reached"
@@ -488,9 +490,10 @@ class Node:
     async def _open_stream(self, command: cmd.OpenStream) -> None:
         session, attempt, peer = command.session, command.attempt, command.peer_id
         pid = ID.from_base58(peer)
-        conn = live_connection(self.host, pid, "tcp") if command.relay is None else live_connection(
-            self.host, pid, "relay", command.relay
-        )
+        if command.relay is None:
+            conn = live_connection(self.host, pid, command.transport)
+        else:
+            conn = live_connection(self.host, pid, "relay", command.relay)
         if conn is None:
             self.post(ev.StreamFailed(session, attempt, "the connection closed"))
             return
@@ -512,7 +515,8 @@ class Node:
             self.post(ev.StreamRefused(session, attempt, response.reason or "refused"))
             return
         path = "direct" if command.relay is None else "relayed"
-        self._opened[attempt] = Opened(stream, rest, peer, path, command.relay)
+        transport = command.transport if command.relay is None else "relay"
+        self._opened[attempt] = Opened(stream, rest, peer, path, command.relay, transport)
         self.post(ev.StreamAccepted(session, attempt))
 
     def _remember_addrs(self, found: list[PeerInfo]) -> None:

@@ -37,6 +37,7 @@ class Opened:
     peer: str
     path: str  # "direct" or "relayed"
     relay: str | None
+    transport: str = "tcp"  # of the connection the stream rides: "tcp" or "quic" (direct), "relay"
 
 
 @dataclass(eq=False)
@@ -141,7 +142,7 @@ class TunnelClient:
         return fields
 
     async def _pipe(self, local: trio.SocketStream, session: Session, opened: Opened) -> None:
-        fields = {**self._fields(), "peer": opened.peer, "path": opened.path}
+        fields = {**self._fields(), "peer": opened.peer, "path": opened.path, "transport": opened.transport}
         if opened.relay is not None:
             fields["relay"] = opened.relay
         setup_ms = round((trio.current_time() - session.started) * 1000, 2)
