@@ -76,7 +76,10 @@ class QuicTransport(ITransport):
 
     # -- dialing --------------------------------------------------------------------
 
-    async def dial(self, maddr: multiaddr.Multiaddr) -> QuicConn:  # type: ignore[override]  # a muxed connection
+    async def dial(self, maddr: multiaddr.Multiaddr, fresh_port: bool = False) -> QuicConn:  # type: ignore[override]  # a muxed connection
+        """A verified connection to the peer ``maddr`` names, from the listening port (or,
+        with ``fresh_port``, from another one: a dial-back that must not ride the NAT
+        mapping of a connection the peer already has with us)."""
         parsed = parse_quic_addr(maddr)
         if parsed is None:
             raise OpenConnectionError(f"not a QUIC address: {maddr}")
@@ -84,7 +87,7 @@ class QuicTransport(ITransport):
         if peer is None:
             raise OpenConnectionError(f"a QUIC dial needs the peer ID: {maddr}")
         try:
-            endpoint = await self._endpoint_for(ip)
+            endpoint = await (self._dial_only_endpoint(family_of(ip)) if fresh_port else self._endpoint_for(ip))
             conn = endpoint.connect((ip, port), peer)
         except OSError as exc:
             raise OpenConnectionError(f"cannot dial {maddr}: {exc}") from exc
@@ -110,6 +113,9 @@ class QuicTransport(ITransport):
             bound = endpoint.local_address[0]
             if bound in ("0.0.0.0", "::") or (bound.startswith("127.") or bound == "::1") == loopback:
                 return endpoint
+        return await self._dial_only_endpoint(family)
+
+    async def _dial_only_endpoint(self, family: int) -> Endpoint:
         endpoint = self._dialers.get(family)
         if endpoint is None or endpoint.closed:
             if self._nursery is None:
