@@ -22,7 +22,7 @@ from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
 
 from punchgate import libp2p_fixes
-from punchgate.libp2p_fixes.net_stream import LeanNetStream
+from punchgate.transports.net_stream import LeanNetStream
 from tests.test_libp2p_fixes import host_pair, pattern, read_until_eof
 
 PROTO = TProtocol("/punchgate-test/hot-path/1")

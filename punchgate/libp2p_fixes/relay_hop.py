@@ -61,11 +61,11 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
-from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD, WRITE_BATCH
+from punchgate.transports import BATCH_BYTES
 
 logger = logging.getLogger(__name__)
 
-RELAY_READ = WRITE_BATCH * FRAME_PAYLOAD  # 524,056 B: one read, one full sender batch
+RELAY_READ = BATCH_BYTES  # one read fills one Yamux sender batch (punchgate.transports, rule 4)
 STATUS_TIMEOUT = 2.0  # the limit status is a courtesy before the reset
 FINISH_TIMEOUT = 5.0  # closing or resetting one stream at the end of a circuit
 

@@ -28,21 +28,23 @@ import socket
 from collections.abc import Sequence
 
 import multiaddr
-from libp2p import new_host
+from libp2p import new_swarm
 from libp2p.abc import IHost, INetConn
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.host.basic_host import BasicHost
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
+from libp2p.rcmgr import new_resource_manager
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.transport.tcp.tcp import TCP
 
 from punchgate import libp2p_fixes
 from punchgate.runtime.addresses import AddressBook
-from punchgate.specs import transport_of
+from punchgate.specs import transport_of, without_peer_id
 from punchgate.transports.identify import identify_handler
 from punchgate.transports.quic.connection import QuicConn
 from punchgate.transports.quic.transport import QuicTransport
@@ -88,17 +90,45 @@ def build_host(
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     # Both transports, whatever we listen on: a node that listens on one can still dial the other.
     transports = [TCP(), QuicTransport(key_pair.private_key)]
-    host = new_host(
+    resource_manager = new_resource_manager()  # what new_host() gives every host by default
+    swarm = new_swarm(
         key_pair=key_pair,
         listen_addrs=list(listen_addrs),
         transports=transports,
         sec_opt={NOISE_PROTOCOL_ID: noise},
+        resource_manager=resource_manager,
+        retry_config=RetryConfig(max_retries=0),
+    )
+    host = Host(
+        network=swarm,
         negotiate_timeout=NEGOTIATE_TIMEOUT,
+        resource_manager=resource_manager,
         addrs_factory=address_book if address_book is not None else AddressBook(),
     )
-    host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
     host.set_stream_handler(IDENTIFY_PROTOCOL, identify_handler(host))
     return host
+
+
+class Host(BasicHost):
+    """py-libp2p's host, whose advertised addresses keep relay circuit addresses whole.
+
+    ``BasicHost.get_addrs`` (``libp2p/host/basic_host.py`` ~530-539) passes the candidate
+    addresses through our ``addrs_factory`` (``AddressBook``: what the state machine says
+    to advertise) and then, to append ``/p2p/<our id>``, decapsulates the address's
+    *first* ``/p2p`` value: for ``<relay addr>/p2p/<relay>/p2p-circuit`` that is the
+    relay's, which cut the address back to the relay's own socket, labelled with our
+    peer ID. Identify, DHT provider records and DCUtR all read ``get_addrs()``, so a node
+    behind NAT advertised a wrong address instead of its circuit address. Here only a
+    trailing ``/p2p/<id>`` is replaced."""
+
+    def get_addrs(self) -> list[multiaddr.Multiaddr]:
+        own = multiaddr.Multiaddr(f"/p2p/{self.get_id()!s}")
+        candidates = list(self.get_transport_addrs())
+        manager = self._observed_addr_manager
+        if manager is not None:
+            candidates += [a for a in manager.addrs() if a not in candidates]
+        addrs = list(self._addrs_factory(candidates)) if self._addrs_factory is not None else candidates
+        return [without_peer_id(a).encapsulate(own) for a in addrs]
 
 
 def quic_transport(host: IHost) -> QuicTransport | None:
