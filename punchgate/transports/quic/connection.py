@@ -40,9 +40,11 @@ Other departures from aioquic's defaults, each for a measured reason:
   when the round trip is shorter than that: trio's timers (epoll) have a 1 ms
   granularity, and a pacer that wants to wait microseconds between packets otherwise
   waits a millisecond each time (measured: 4 MB/s instead of 25 at 1,200 B);
-* ACKs go out with the next packet we send, after the batch of datagrams that asked for
-  them, not after aioquic's 1 ms delay (a timer of its own: one more wake-up per round
-  trip, and a PING's answer waiting for it);
+* ACKs ride with the next packet we send; aioquic as shipped holds them for its delay
+  (1 ms) even when data goes out meanwhile, so a request and its answer cost four
+  packets instead of two. After a batch of two or more packets the ACK goes at once
+  (a bulk sender needs it); after a single one, it waits up to ``ACK_DELAY`` for the
+  answer to carry it;
 * a PING goes out when nothing was heard from the peer for ``KEEP_ALIVE`` seconds
   (``KEEP_ALIVE_IDLE`` while no stream is open): it keeps NAT mappings and the idle
   timer alive, and a dead peer's host answers it with ICMP port unreachable, which the
@@ -65,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
@@ -97,8 +99,9 @@ CONNECTION_WINDOW = 2 * RECEIVE_WINDOW  # unread bytes all streams of a connecti
 SEND_BUFFER = 2 * 1024 * 1024  # a writer waits while this much of its stream is unacknowledged
 MAX_INCOMING_STREAMS = 1024  # streams a peer may have open towards us at once
 MIN_DATAGRAM = 1200  # QUIC's guaranteed packet size: used until the handshake is done, and off loopback
-LOOPBACK_DATAGRAM = 16384  # aioquic writes STREAM frame lengths in 2 bytes: 16,383 B of data at most
+LOOPBACK_DATAGRAM = 65000  # a loopback UDP datagram holds up to 65,507 B (IPv4; MTU 65,536)
 PACING_BURST = 0.002  # seconds of packets the pacer may release at once (trio's timers: 1 ms)
+ACK_DELAY = 0.001  # the longest an ACK waits for a packet of ours to ride with (aioquic's default)
 KEEP_ALIVE = 3.0  # seconds without a packet from the peer before we send a PING (streams open)
 KEEP_ALIVE_IDLE = 15.0  # the same with no stream open: NAT mappings last 30 s or more
 IDLE_TIMEOUT = 30.0  # the connection ends after this long without a packet (keep-alives included)
@@ -125,18 +128,15 @@ class Engine(QuicConnection):
 
     Overrides private methods of aioquic 1.7.2 (pinned in pyproject.toml):
     ``_initialize``, ``_parse_transport_parameters``, ``_write_connection_limits``,
-    ``_write_stream_limits``; and sets ``_loss._pacer``, ``_max_datagram_size``."""
+    ``_write_stream_limits``, ``_write_stream_frame``; and sets ``_loss._pacer``,
+    ``_max_datagram_size``, ``_ack_delay``."""
 
     def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
         super().__init__(configuration=configuration, **kwargs)
         for limit, value in ((self._local_max_streams_bidi, MAX_INCOMING_STREAMS), (self._local_max_streams_uni, 0)):
             limit.value = limit.sent = value  # libp2p uses no unidirectional streams
         self._loss._pacer = _BurstPacer(max_datagram_size=self._max_datagram_size)
-        # Acknowledge with the next flush. aioquic schedules an ACK at arrival + this delay,
-        # and lets the pacer hold it unless that time is strictly past: an ACK due "now"
-        # (a delay of 0 on a clock that has not moved, as trio's mock clock in tests) was
-        # held, and its timer, due at once, woke the connection's task in a loop.
-        self._ack_delay = -1e-9
+        self._ack_delay = ACK_DELAY
         self.read_total = 0  # bytes the application has consumed, on every stream
         self.read_offsets: dict[int, int] = {}  # per stream: bytes consumed (or given up)
         self.credit_pending: set[int] = set()  # streams whose reads call for MAX_STREAM_DATA
@@ -152,6 +152,14 @@ class Engine(QuicConnection):
         size = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
         if size is not None:
             self.peer_max_udp_payload = size
+
+    def ack_now(self, now: float) -> None:
+        """Send pending ACKs with the next packet. aioquic writes an ACK only once its time
+        is strictly past, and lets the pacer hold it otherwise: "now" would not do on a
+        clock that has not moved (trio's mock clock): a timer due at once, woken in a loop."""
+        for space in self._spaces.values():
+            if space.ack_at is not None and space.ack_at >= now:
+                space.ack_at = now - 1e-9
 
     def use_datagram_size(self, size: int) -> None:
         """Send packets of up to ``size`` bytes from now on."""
@@ -200,6 +208,34 @@ class Engine(QuicConnection):
             buf.push_uint_var(stream.stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def _write_stream_frame(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
+        """aioquic's, except that the frame's length may take 4 bytes: aioquic writes it
+        in 2, so a STREAM frame held at most 16,383 bytes and packets on loopback could
+        not grow past ~16 KB (larger ones went out corrupt)."""
+        sender = stream.sender
+        overhead = 5 + size_uint_var(stream.stream_id) + (size_uint_var(sender.next_offset) if sender.next_offset else 0)
+        before = sender.highest_offset
+        frame = sender.get_frame(builder.remaining_flight_space - overhead, max_offset)
+        if frame is None:
+            return 0
+        frame_type = QuicFrameType.STREAM_BASE | 2  # with a length
+        if frame.offset:
+            frame_type |= 4
+        if frame.fin:
+            frame_type |= 1
+        buf = builder.start_frame(
+            frame_type,
+            capacity=overhead,
+            handler=sender.on_data_delivery,
+            handler_args=(frame.offset, frame.offset + len(frame.data), frame.fin),
+        )
+        buf.push_uint_var(stream.stream_id)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint_var(len(frame.data))
+        buf.push_bytes(frame.data)
+        return sender.highest_offset - before
 
     def consumed(self, stream_id: int, count: int) -> bool:
         """The application read ``count`` bytes of ``stream_id``; whether that calls for a
@@ -277,6 +313,7 @@ class QuicConn(IMuxedConn):
         self._last_ping = now
         self._unreachable = 0
         self._in_batch = False  # queued for the endpoint's flush after its current batch
+        self._batch = 0  # datagrams received since the last flush
         self._wants_send = False  # transmit_soon was called
         self._sleeping_until = -math.inf  # while the connection's task waits: until when
         self._gone = False  # the endpoint has forgotten this connection
@@ -340,9 +377,14 @@ class QuicConn(IMuxedConn):
         self.engine.receive_datagram(data, addr, now)
         self._last_heard = now
         self._unreachable = 0
+        self._batch += 1
 
     def flush(self) -> None:
-        """Handle what aioquic has to say, wake writers, send what is due."""
+        """Handle what aioquic has to say, wake writers, send what is due (ACKs at once
+        after a batch of two or more packets)."""
+        if self._batch >= 2:
+            self.engine.ack_now(trio.current_time())
+        self._batch = 0
         self._handle_events()
         if self._blocked_writers:
             for stream in list(self._blocked_writers):
@@ -388,8 +430,10 @@ class QuicConn(IMuxedConn):
                             await self._wake.wait()
                         self._sleeping_until = -math.inf
                     self._wake = trio.Event()
-                    self._wants_send = False
                     now = trio.current_time()
+                    if self._wants_send:  # our own packets go out: ACKs ride with them
+                        self._wants_send = False
+                        self.engine.ack_now(now)
                     if self._timer_at is not None and now >= self._timer_at:
                         self.engine.handle_timer(now)
                     if self.established and not self.closed and now >= self._keepalive_at():
