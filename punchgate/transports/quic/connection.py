@@ -315,7 +315,7 @@ class QuicConn(IMuxedConn):
         self._in_batch = False  # queued for the endpoint's flush after its current batch
         self._batch = 0  # datagrams received since the last flush
         self._wants_send = False  # transmit_soon was called
-        self._sleeping_until = -math.inf  # while the connection's task waits: until when
+        self._sleep: trio.CancelScope | None = None  # while the connection's task waits: its scope
         self._gone = False  # the endpoint has forgotten this connection
         self.on_established: Callable[[QuicConn], None] = lambda conn: None
 
@@ -401,8 +401,9 @@ class QuicConn(IMuxedConn):
         for data, addr in engine.datagrams_to_send(now):
             send(data, addr)
         self._timer_at = timer = engine.get_timer()
-        if timer is not None and timer < self._sleeping_until:
-            self._wake.set()  # the connection's task must wake earlier than it planned
+        sleep = self._sleep
+        if timer is not None and sleep is not None and timer < sleep.deadline:
+            sleep.deadline = timer  # the connection's task wakes earlier than it planned
 
     def transmit_soon(self) -> None:
         """Have the connection's task send, once the current tasks have had their turn."""
@@ -425,10 +426,9 @@ class QuicConn(IMuxedConn):
             try:
                 while self.engine._state is not QuicConnectionState.TERMINATED:
                     if not self._wants_send:
-                        self._sleeping_until = self._deadline()
-                        with trio.move_on_at(self._sleeping_until):
+                        with trio.move_on_at(self._deadline()) as self._sleep:
                             await self._wake.wait()
-                        self._sleeping_until = -math.inf
+                        self._sleep = None
                     self._wake = trio.Event()
                     now = trio.current_time()
                     if self._wants_send:  # our own packets go out: ACKs ride with them
