@@ -84,3 +84,44 @@ async def test_dial_back_on_loopback_says_public():
             assert verdict.port_preserving is True  # no NAT between: the helper sees our own port
             assert answer["observed"] == answer["local"]
             nursery.cancel_scope.cancel()
+
+
+async def test_the_hole_punch_spray_leaves_from_the_quic_listener_and_ends_by_itself(monkeypatch):
+    """DCUtR's random UDP packets (the spraying side of a QUIC punch) must leave from the
+    QUIC listener's port, the one the peer's dial will come back to, and end without
+    being told to (the library's leave from a fresh socket and go on until an event is
+    set that is never set when every round fails)."""
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    from punchgate.libp2p_fixes import dcutr
+    from punchgate.libp2p_fixes.dcutr import BoundedDCUtR
+
+    monkeypatch.setattr(dcutr, "SPRAY_SECONDS", 1.0)  # its bound, shortened for the test
+    quic = [multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")]
+    target = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await target.bind(("127.0.0.1", 0))
+    aim = multiaddr.Multiaddr(f"/ip4/127.0.0.1/udp/{target.getsockname()[1]}/quic-v1")
+    sources: dict[str, set[int]] = {"ours": set(), "shipped": set()}
+    host = build_host(create_new_key_pair(), quic)
+    with target, trio.fail_after(30):
+        async with host.run(listen_addrs=quic), trio.open_nursery() as nursery:
+            listen_port = int(host.get_transport_addrs()[0].value_for_protocol("udp"))
+            kind = "ours"
+
+            async def collect() -> None:
+                while True:
+                    _, (_, port) = await target.recvfrom(2048)
+                    sources[kind].add(port)
+
+            nursery.start_soon(collect)
+            started = trio.current_time()
+            await BoundedDCUtR(host)._spam_udp_for_hole_punch(aim, trio.Event())  # never set
+            took = trio.current_time() - started
+            kind = "shipped"
+            with trio.move_on_after(1.0) as still_spraying:
+                await DCUtRProtocol(host)._spam_udp_for_hole_punch(aim, trio.Event())
+            nursery.cancel_scope.cancel()
+    assert 1.0 <= took <= 2.0, took
+    assert sources["ours"] == {listen_port}, (sources, listen_port)
+    assert still_spraying.cancelled_caught  # the library's would have gone on
+    assert sources["shipped"] and listen_port not in sources["shipped"], (sources, listen_port)
