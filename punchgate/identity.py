@@ -3,17 +3,20 @@
 The file holds the private key in libp2p's protobuf encoding (the format other libp2p
 implementations use for exported keys). It is created on first run with mode 0600 and
 reused afterwards. A file that exists but cannot be read or decoded is an error: it is
-never replaced, because a new key would silently change the node's peer ID.
+never replaced, because a new key would silently change the node's peer ID. A file that
+its group or others may access is refused too (with the ``chmod 600`` that fixes it):
+whoever can read it can act as this node.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.serialization import deserialize_private_key
+
+from punchgate.keyfiles import ExposedKeyFile, check_private, write_new_private
 
 
 class IdentityError(Exception):
@@ -33,9 +36,12 @@ def load_or_create_identity(path: Path) -> tuple[KeyPair, bool]:
 
 def _load(path: Path) -> KeyPair:
     try:
+        check_private(path, "identity file")
         data = path.read_bytes()
     except FileNotFoundError:
         raise
+    except ExposedKeyFile as exc:
+        raise IdentityError(str(exc)) from None
     except OSError as exc:
         raise IdentityError(f"cannot read identity file {path}: {exc.strerror}") from None
     try:
@@ -52,20 +58,9 @@ def _load(path: Path) -> KeyPair:
 
 def _write_new(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file at ``path`` with mode 0600, atomically."""
-    if path.parent != Path("."):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # link() fails if another process created the key first: never overwrite.
-        os.link(tmp, path)
+        write_new_private(path, data)
     except FileExistsError:
         raise IdentityError(f"identity file {path} appeared while creating it; start again") from None
     except OSError as exc:
         raise IdentityError(f"cannot create identity file {path}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)

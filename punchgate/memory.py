@@ -55,9 +55,11 @@ class Memory:
         services = old.services
         if service is not None:
             services = (service, *(s for s in old.services if s != service))[:MAX_SERVICES]
+        own = f"/p2p/{peer_id}"  # addresses are kept without the peer's own /p2p part
+        bare = (a.removesuffix(own) for a in addrs)
         entry = replace(
             old,
-            addrs=tuple(dict.fromkeys(addrs))[:MAX_ADDRS] or old.addrs,
+            addrs=tuple(dict.fromkeys(bare))[:MAX_ADDRS] or old.addrs,
             services=services,
             bootstrap=old.bootstrap or bootstrap,
             last_ok=now,

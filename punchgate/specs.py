@@ -1,5 +1,8 @@
 """Parsing of the user-facing specs: ``NAME=HOST:PORT``, ``PEER:SVC@HOST:PORT``, ``SVC@HOST:PORT``.
 
+A service or tunnel spec may end in ``/udp`` (a UDP service: datagrams carried on the
+stream) or ``/tcp`` (the default, the same as no suffix).
+
 Every parser returns a small frozen value or raises :class:`SpecError` with a message
 that says what is wrong with the value; the CLI adds the flag name and an example.
 """
@@ -18,6 +21,10 @@ HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
+
+
+BASE58_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")
+TRANSPORTS = ("tcp", "udp")
 
 
 class SpecError(ValueError):
@@ -39,6 +46,7 @@ class ExposeSpec:
 
     name: str
     target: HostPort
+    transport: str = "tcp"  # "udp": ``NAME=HOST:PORT/udp``
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class TunnelSpec:
     peer_id: str
     service: str
     bind: HostPort
+    transport: str = "tcp"  # "udp": ``…@HOST:PORT/udp``, a UDP socket at ``bind``
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class TunnelByNameSpec:
 
     service: str
     bind: HostPort
+    transport: str = "tcp"
 
 
 def parse_service_name(text: str) -> str:
@@ -103,6 +113,8 @@ def parse_host_port(text: str) -> HostPort:
 
 def parse_peer_id(text: str) -> str:
     """Check that ``text`` is a libp2p peer ID (multiaddr's /p2p codec validates it)."""
+    if not BASE58_RE.match(text):  # also keeps out "ID/tcp/1", which multiaddr would read as two parts
+        raise SpecError(f"{text!r} is not a valid peer ID")
     try:
         multiaddr.Multiaddr(f"/p2p/{text}")
     except (MultiaddrError, ValueError):
@@ -110,11 +122,22 @@ def parse_peer_id(text: str) -> str:
     return text
 
 
+def split_transport(text: str) -> tuple[str, str]:
+    """``HOST:PORT/udp`` -> (``HOST:PORT``, "udp"); without a suffix the transport is TCP."""
+    head, sep, suffix = text.rpartition("/")
+    if not sep:
+        return text, "tcp"
+    if suffix.lower() not in TRANSPORTS:
+        raise SpecError(f"{text!r}: unknown transport {suffix!r} after '/' (use /tcp or /udp)")
+    return head, suffix.lower()
+
+
 def parse_expose(text: str) -> ExposeSpec:
     name, sep, target = text.partition("=")
     if not sep:
         raise SpecError(f"{text!r} has no '='")
-    return ExposeSpec(parse_service_name(name), parse_host_port(target))
+    target, transport = split_transport(target)
+    return ExposeSpec(parse_service_name(name), parse_host_port(target), transport)
 
 
 def parse_tunnel(text: str) -> TunnelSpec:
@@ -124,14 +147,16 @@ def parse_tunnel(text: str) -> TunnelSpec:
     peer, sep, service = left.partition(":")
     if not sep:
         raise SpecError(f"{text!r} has no ':' between peer ID and service")
-    return TunnelSpec(parse_peer_id(peer), parse_service_name(service), parse_host_port(bind))
+    bind, transport = split_transport(bind)
+    return TunnelSpec(parse_peer_id(peer), parse_service_name(service), parse_host_port(bind), transport)
 
 
 def parse_tunnel_by_name(text: str) -> TunnelByNameSpec:
     service, sep, bind = text.rpartition("@")
     if not sep:
         raise SpecError(f"{text!r} has no '@'")
-    return TunnelByNameSpec(parse_service_name(service), parse_host_port(bind))
+    bind, transport = split_transport(bind)
+    return TunnelByNameSpec(parse_service_name(service), parse_host_port(bind), transport)
 
 
 def _parse_multiaddr(text: str) -> multiaddr.Multiaddr:
@@ -155,7 +180,7 @@ def _transport_of(names: list[str]) -> str | None:
 def parse_listen_addr(text: str) -> multiaddr.Multiaddr:
     addr = _parse_multiaddr(text)
     names = [p.name for p in addr.protocols()]
-    if names[0] not in ("ip4", "ip6") or _transport_of(names) is None:
+    if not names or names[0] not in ("ip4", "ip6") or _transport_of(names) is None:
         raise SpecError(f"{text!r} is not a TCP or QUIC listen address")
     return addr
 

@@ -9,6 +9,7 @@ stream. Results are medians over ``--runs`` runs.
 
     python scripts/bench_stream.py              # with punchgate.transports' TCP data path
     python scripts/bench_stream.py --no-fixes   # the library as shipped
+    python scripts/bench_stream.py --private    # both in a private network (pnet protector)
 """
 
 from __future__ import annotations
@@ -45,11 +46,19 @@ READ_SIZE = 256 * 1024
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
+PSK_VARIABLE = "PUNCHGATE_BENCH_PSK"  # a throwaway random key, hex, handed to the server process
+
+
 def make_host():
     key_pair = create_new_key_pair()
     addrs = [multiaddr.Multiaddr(LISTEN)]
     noise = Noise(key_pair, noise_privkey=create_x25519().private_key)
-    return new_host(key_pair=key_pair, listen_addrs=addrs, sec_opt={NOISE: noise}), addrs
+    host = new_host(key_pair=key_pair, listen_addrs=addrs, sec_opt={NOISE: noise})
+    if os.environ.get(PSK_VARIABLE):
+        from punchgate.libp2p_fixes.pnet import protect_host
+
+        protect_host(host, bytes.fromhex(os.environ[PSK_VARIABLE]))
+    return host, addrs
 
 
 async def sink_handler(stream) -> None:
@@ -144,6 +153,9 @@ async def client(args: argparse.Namespace, peer_id: str, addr: str) -> dict[str,
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-fixes", action="store_true", help="run the library as shipped")
+    parser.add_argument(
+        "--private", action="store_true", help="wrap both ends in the private-network protector (random key)"
+    )
     parser.add_argument("--mib", type=int, default=200, help="MiB per throughput run")
     parser.add_argument("--write-kib", type=int, default=256, help="size of each write")
     parser.add_argument("--runs", type=int, default=3)
@@ -162,6 +174,8 @@ def main() -> None:
     if args.serve:
         trio.run(serve)
         return
+    if args.private:
+        os.environ[PSK_VARIABLE] = os.urandom(32).hex()  # inherited by the server process
     command = [sys.executable, os.path.abspath(__file__), "--serve"]
     if args.no_fixes:
         command.append("--no-fixes")
@@ -177,7 +191,9 @@ def main() -> None:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-    label = "library as shipped" if args.no_fixes else "punchgate.transports"
+    label = ("library as shipped" if args.no_fixes else "punchgate.transports") + (
+        ", private network" if args.private else ""
+    )
     runs = ", ".join(f"{r:.0f}" for r in result["mib_s_all"])
     print(
         f"{label}: {result['mib_s']:.0f} MiB/s (runs: {runs}; {args.mib} MiB in "

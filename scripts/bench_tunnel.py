@@ -30,6 +30,20 @@ Paths, all on 127.0.0.1:
                        tunnel streams ride punchgate's QUIC transport (every ``client tunnel
                        opened`` event in the client log says ``transport=quic``).
 
+UDP and proxy entries (``--paths`` ``udp`` and ``proxy``, on one direct provider/client pair):
+
+* UDP datagrams/s one way: datagrams of ``--udp-size`` bytes (a 12-byte header: run, sequence,
+  size) sent from one source to a UDP sink through ``--tunnel PEER:usink@…/udp``, paced at a
+  rising ladder of rates (``--udp-seconds`` each) and once unpaced (overload). The sink (in the
+  helper process) counts what arrives, in order and whole; delivered/s = datagrams received /
+  (last arrival - first arrival); loss = 1 - received / sent; the client's and provider's
+  ``dropped`` counters (their bounded queues, from ``punchgate status``) say where loss
+  happened (the rest overflowed a kernel socket buffer). The same ladder straight to the sink
+  gives the raw baseline. "lossless" is the highest delivered rate of a step losing < 0.1 %;
+* proxy setup: a new connect() to the proxy, SOCKS5 greeting and CONNECT (or an HTTP CONNECT
+  request) to ``echo.PEER.punchgate`` / ``echo.punchgate``, then one byte echoed: median and
+  max of ``--setup-count`` fresh connections, beside the same through a ``--tunnel`` listener.
+
 Metrics per path:
 
 * throughput: one-way transfer of ``--size-mb`` MB (10^6 bytes) to a sink server, which counts
@@ -97,6 +111,7 @@ CIRCUIT_LIMIT = RELAY_LIMITS.data  # bytes one relay circuit may carry
 CIRCUIT_BUDGET = int(CIRCUIT_LIMIT * 0.95)  # headroom for Noise/Yamux framing and echo traffic
 
 COLUMNS = ("raw", "ssh", "direct", "relayed", "quic")
+PATHS = (*COLUMNS, "udp", "proxy")  # what --paths can choose
 TITLES = {
     "raw": "raw TCP",
     "ssh": "ssh -L",
@@ -104,10 +119,10 @@ TITLES = {
     "relayed": "pg relayed",
     "quic": "pg direct QUIC",
 }
-ALL_PATHS = ("raw", "ssh", "direct", "relayed", "quic")
 
 BASE_CHUNK = random.Random(SEED).randbytes(CHUNK)
 _digests: dict[int, str] = {}
+HELPER_PORTS: dict[str, int] = {}  # the helper process's servers, by name
 
 
 def say(text: str = "") -> None:
@@ -152,11 +167,66 @@ class SinkServer:
                 pass
 
 
+UDP_HEADER = 12  # run, sequence, size: three u32 big-endian
+
+
+class UdpSink:
+    """Counts datagrams per run: how many, how many bytes, in order, whole; first and last
+    arrival (monotonic clock, shared by processes on one machine). ``STATS <run>`` on its
+    TCP port answers the counts as one JSON line."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.runs: dict[int, dict] = {}
+        self.lock = threading.Lock()
+        self.stats_server = socket.create_server(("127.0.0.1", 0))
+        self.stats_port: int = self.stats_server.getsockname()[1]
+        threading.Thread(target=self._receive, daemon=True).start()
+        threading.Thread(target=self._answer, daemon=True).start()
+
+    def _receive(self) -> None:
+        buf = bytearray(70000)
+        while True:
+            n = self.sock.recv_into(buf)
+            now = time.monotonic()
+            if n < UDP_HEADER:
+                continue
+            run, seq, size = int.from_bytes(buf[0:4], "big"), int.from_bytes(buf[4:8], "big"), int.from_bytes(buf[8:12], "big")
+            with self.lock:
+                r = self.runs.setdefault(run, {"received": 0, "bytes": 0, "first": now, "last": now,
+                                               "next_seq": 0, "out_of_order": 0, "cut": 0})
+                r["received"] += 1
+                r["bytes"] += n
+                r["last"] = now
+                if seq < r["next_seq"]:
+                    r["out_of_order"] += 1
+                r["next_seq"] = max(r["next_seq"], seq + 1)
+                if n != size:
+                    r["cut"] += 1
+
+    def _answer(self) -> None:
+        while True:
+            conn, _ = self.stats_server.accept()
+            with conn:
+                try:
+                    words = conn.recv(100).split()
+                    with self.lock:
+                        counts = dict(self.runs.get(int(words[1]), {"received": 0}))
+                    conn.sendall(json.dumps(counts).encode() + b"\n")
+                except (OSError, IndexError, ValueError):
+                    pass
+
+
 def serve_main() -> int:
     """``--serve``: run the servers, print their ports as one JSON line, live until stdin ends."""
     sink = SinkServer()
+    udp = UdpSink()
     with EchoServer("127.0.0.1", 0) as echo:
-        print(json.dumps({"sink": sink.port, "echo": echo.port}), flush=True)
+        print(json.dumps({"sink": sink.port, "echo": echo.port, "udp_sink": udp.port, "udp_stats": udp.stats_port}),
+              flush=True)
         try:
             sys.stdin.read()  # the parent closes our stdin (or dies) when done
         except KeyboardInterrupt:
@@ -844,6 +914,241 @@ def measure(run: PathRun, size: int, runs: int, rtt_count: int, setup_count: int
 
 
 # --------------------------------------------------------------------------------------------
+# UDP and proxy entries
+
+
+class EntriesPath:
+    """Provider exposing the echo server and the UDP sink; client with a UDP tunnel, a TCP
+    tunnel (the baseline for setup) and the proxy, and a control socket for its counters."""
+
+    def __init__(self) -> None:
+        self.provider: PunchgateProcess | None = None
+        self.client: PunchgateProcess | None = None
+        self.provider_id = ""
+        self.udp_port = self.echo_port = self.proxy_port = 0
+        self.client_socket = self.provider_socket = Path()
+
+    def check_alive(self) -> str | None:
+        for node in (self.provider, self.client):
+            if node is not None and node.proc.poll() is not None:
+                return f"a punchgate node exited ({node.proc.returncode}); last log:\n{node.log_text(last=8)}"
+        return None
+
+    def dropped(self) -> tuple[int, int]:
+        """(client tunnel, provider service) datagrams dropped so far, from their status."""
+        from punchgate.status import query
+
+        client = query(self.client_socket)["tunnels"]
+        provider = query(self.provider_socket)["services"]
+        return (
+            sum(t.get("dropped", 0) for t in client if t.get("transport") == "udp"),
+            sum(s.get("dropped", 0) for s in provider if s.get("transport") == "udp"),
+        )
+
+
+def start_entries(workdir: Path, echo: int, udp_sink: int, cleanup: Cleanup) -> EntriesPath:
+    path = EntriesPath()
+    common = ("--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns")
+    path.provider_socket, path.client_socket = workdir / "entries-provider.sock", workdir / "entries-client.sock"
+    provider = path.provider = PunchgateProcess(
+        "--identity", str(workdir / "entries-provider.key"), *common, "--control-socket", str(path.provider_socket),
+        "--expose", f"echo=127.0.0.1:{echo}", "--expose", f"usink=127.0.0.1:{udp_sink}/udp",
+        env=node_env(),
+    )
+    cleanup.add("entries provider", lambda: stop_punchgate(provider, workdir / "entries-provider.log"))
+    path.provider_id = provider.wait_event("punchgate starting", START_TIMEOUT)["peer_id"]
+    address = provider.wait_for(
+        lambda e: e.get("event") == "listening on" and "/tcp/" in e.get("address", ""), START_TIMEOUT
+    )["address"]
+    path.udp_port, path.echo_port, path.proxy_port = free_udp_port(), free_port(), free_port()
+    client = path.client = PunchgateProcess(
+        "--identity", str(workdir / "entries-client.key"), *common, "--bootstrap", address,
+        "--control-socket", str(path.client_socket),
+        "--tunnel", f"{path.provider_id}:usink@127.0.0.1:{path.udp_port}/udp",
+        "--tunnel", f"{path.provider_id}:echo@127.0.0.1:{path.echo_port}",
+        "--proxy", f"127.0.0.1:{path.proxy_port}",
+        env=node_env(),
+    )
+    cleanup.add("entries client", lambda: stop_punchgate(client, workdir / "entries-client.log"))
+    client.wait_event("phase transition", START_TIMEOUT, to_phase="ready")
+    wait_until_echoes(path.echo_port, FIRST_CONNECT_TIMEOUT, path.check_alive)
+    return path
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_runs = iter(range(1, 1 << 30))
+
+
+def udp_counts(run: int) -> dict:
+    with socket.create_connection(("127.0.0.1", HELPER_PORTS["udp_stats"]), timeout=IO_TIMEOUT) as conn:
+        conn.sendall(f"STATS {run}\n".encode())
+        answer = b""
+        while not answer.endswith(b"\n") and (data := conn.recv(4096)):
+            answer += data
+    return json.loads(answer)
+
+
+def udp_step(port: int, size: int, rate: float | None, seconds: float) -> dict:
+    """Send ``rate``/s (None: as fast as possible) datagrams of ``size`` B for ``seconds``;
+    wait until the sink stops counting; the step's figures."""
+    run = next(_runs)
+    payload = bytearray(random.Random(run).randbytes(size))
+    payload[0:4], payload[8:12] = run.to_bytes(4, "big"), size.to_bytes(4, "big")
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.connect(("127.0.0.1", port))
+        started = time.monotonic()
+        end = started + seconds
+        while (now := time.monotonic()) < end:
+            due = int((now - started) * rate) + 1 if rate is not None else sent + 256
+            while sent < due:
+                payload[4:8] = sent.to_bytes(4, "big")
+                try:
+                    sock.send(payload)
+                except OSError:  # ENOBUFS: the sender's own buffer is full; that datagram is lost here
+                    pass
+                sent += 1
+            if rate is not None:
+                time.sleep(0.0005)
+        send_seconds = time.monotonic() - started
+    counts, stable = udp_counts(run), 0
+    deadline = time.monotonic() + 10
+    while stable < 3 and time.monotonic() < deadline:  # the tunnel may still be delivering
+        time.sleep(0.1)
+        later = udp_counts(run)
+        stable = stable + 1 if later.get("received") == counts.get("received") else 0
+        counts = later
+    received = counts.get("received", 0)
+    span = counts["last"] - counts["first"] if received > 1 else 0.0
+    return {
+        "offered_per_s": round(sent / send_seconds),
+        "sent": sent,
+        "received": received,
+        "delivered_per_s": round(received / span) if span > 0 else None,
+        "mb_s": round(counts.get("bytes", 0) / MB / span, 1) if span > 0 else None,
+        "loss_pct": round(100 * (1 - received / sent), 3) if sent else None,
+        "out_of_order": counts.get("out_of_order", 0),
+        "cut": counts.get("cut", 0),
+    }
+
+
+def measure_udp(path: EntriesPath, sink_port: int, size: int, seconds: float, quick: bool) -> dict:
+    rates = [5_000, 20_000, 40_000] if quick else [5_000, 10_000, 20_000, 40_000, 60_000, 80_000, 120_000]
+    out: dict = {"size": size, "step_seconds": seconds}
+    for label, port, carried in (("raw", sink_port, False), ("tunnel", path.udp_port, True)):
+        steps: list[dict] = []
+        ladder: list[int | None] = list(rates)
+        while ladder or not steps or steps[-1]["offered"] != "unpaced":
+            rate = ladder.pop(0) if ladder else None  # the ladder, then always one unpaced step
+            before = path.dropped() if carried else (0, 0)
+            step = udp_step(port, size, rate, seconds)
+            after = path.dropped() if carried else (0, 0)
+            step["dropped_client"], step["dropped_provider"] = after[0] - before[0], after[1] - before[1]
+            step["offered"] = "unpaced" if rate is None else rate
+            steps.append(step)
+            shown = "unpaced" if rate is None else f"{rate:,}/s"
+            say(f"    UDP {label} {size} B at {shown}: delivered {fmt(step['delivered_per_s'], ',')}/s, "
+                f"loss {step['loss_pct']} %" + (f", dropped in punchgate {after[0] - before[0]} (client) "
+                                                f"{after[1] - before[1]} (provider)" if carried else ""))
+            if rate is not None and (step["loss_pct"] or 0) >= 1.0:
+                ladder = []  # past what this path carries: go straight to overload
+        clean = [s for s in steps if s["offered"] != "unpaced" and (s["loss_pct"] or 0) < 0.1 and s["delivered_per_s"]]
+        best = max(clean, key=lambda s: s["delivered_per_s"]) if clean else None
+        out[label] = {
+            "steps": steps,
+            "lossless_per_s": best["delivered_per_s"] if best else None,
+            "lossless_at_top": best is not None and best["offered"] == rates[-1],  # the ladder ended first
+            "overload": steps[-1],
+        }
+    return out
+
+
+def socks_first_echo(port: int, host: str) -> float:
+    """Seconds from connect() to the proxy until one byte came back through SOCKS5 CONNECT."""
+    name = host.encode()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(b"\x05\x01\x00")
+        if _recv_exactly(conn, 2) != b"\x05\x00":
+            raise ConnectionError("SOCKS5 method refused")
+        conn.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + (7).to_bytes(2, "big"))
+        reply = _recv_exactly(conn, 10)
+        if reply[1] != 0:
+            raise ConnectionError(f"SOCKS5 reply {reply[1]}")
+        conn.sendall(b"s")
+        _recv_exactly(conn, 1)
+    return time.perf_counter() - started
+
+
+def http_first_echo(port: int, host: str) -> float:
+    """Seconds from connect() to the proxy until one byte came back through HTTP CONNECT."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(f"CONNECT {host}:7 HTTP/1.1\r\nHost: {host}:7\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"\r\n\r\n"):
+            answer += _recv_exactly(conn, 1)
+        if not answer.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(answer.split(b"\r\n")[0].decode(errors="replace"))
+        conn.sendall(b"s")
+        _recv_exactly(conn, 1)
+    return time.perf_counter() - started
+
+
+def measure_proxy(path: EntriesPath, count: int) -> dict:
+    ways = {
+        "tunnel listener": lambda: first_echo(path.echo_port),
+        "SOCKS5 echo.PEER.punchgate": lambda: socks_first_echo(path.proxy_port, f"echo.{path.provider_id}.punchgate"),
+        "SOCKS5 echo.punchgate (by name)": lambda: socks_first_echo(path.proxy_port, "echo.punchgate"),
+        "HTTP CONNECT echo.PEER.punchgate": lambda: http_first_echo(path.proxy_port, f"echo.{path.provider_id}.punchgate"),
+    }
+    out = {}
+    for label, once in ways.items():
+        once()  # warm-up (by name: the first look-up)
+        samples = []
+        for _ in range(count):
+            samples.append(once())
+            time.sleep(0.02)  # let the previous session close (not measured)
+        out[label] = {"median_ms": statistics.median(samples) * 1000, "max_ms": max(samples) * 1000, "count": count}
+        say(f"    setup via {label}: median {out[label]['median_ms']:.2f} ms, max {out[label]['max_ms']:.2f} ms")
+    return out
+
+
+def report_entries(entries: dict) -> None:
+    udp = entries.get("udp")
+    if udp:
+        say()
+        rows = [["UDP one way, " + f"{udp['size']} B datagrams", "raw UDP", "pg UDP tunnel"]]
+        rows.append(["datagrams/s, loss < 0.1 %"] + [
+            (">= " if udp[p].get("lossless_at_top") else "") + fmt(udp[p]["lossless_per_s"], ",") for p in ("raw", "tunnel")
+        ])
+        rows.append(["overload: offered/s (unpaced)"] + [fmt(udp[p]["overload"]["offered_per_s"], ",") for p in ("raw", "tunnel")])
+        rows.append(["overload: delivered/s"] + [fmt(udp[p]["overload"]["delivered_per_s"], ",") for p in ("raw", "tunnel")])
+        rows.append(["overload: loss %"] + [fmt(udp[p]["overload"]["loss_pct"], ".1f") for p in ("raw", "tunnel")])
+        rows.append(["overload: dropped by punchgate (client/provider)", "-",
+                     f"{udp['tunnel']['overload']['dropped_client']}/{udp['tunnel']['overload']['dropped_provider']}"])
+        rows.append(["out of order / cut (all steps)", *(
+            f"{sum(s['out_of_order'] for s in udp[p]['steps'])}/{sum(s['cut'] for s in udp[p]['steps'])}"
+            for p in ("raw", "tunnel"))])
+        print_table(rows)
+    proxy = entries.get("proxy")
+    if proxy:
+        say()
+        rows = [["setup connect->1st echo", "median ms", "max ms"]]
+        for label, figures in proxy.items():
+            rows.append([label, f"{figures['median_ms']:.2f}", f"{figures['max_ms']:.2f}"])
+        print_table(rows)
+
+
+# --------------------------------------------------------------------------------------------
 # report
 
 
@@ -980,9 +1285,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--setup-count", type=int, default=None, help="fresh connections (default 50)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 MB, 1 run, 200 RTTs, 10 setups")
     parser.add_argument(
-        "--paths", default=",".join(ALL_PATHS),
-        help=f"comma-separated subset of {','.join(ALL_PATHS)} to measure (default all)",
+        "--paths", default=",".join(PATHS),
+        help=f"comma-separated subset of {','.join(PATHS)} to measure (default all)",
     )
+    parser.add_argument("--udp-size", type=int, default=1200, help="UDP datagram size in bytes (default 1200)")
+    parser.add_argument("--udp-seconds", type=float, default=None, help="seconds per UDP rate step (default 2)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the helper process
     args = parser.parse_args(argv)
     defaults = (20, 1, 200, 10) if args.quick else (500, 3, 2000, 50)
@@ -992,8 +1299,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.size_mb <= 0 or args.runs < 1 or args.rtt_count < 1 or args.setup_count < 1:
         parser.error("--size-mb, --runs, --rtt-count and --setup-count must be positive")
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    if unknown := [p for p in args.paths if p not in ALL_PATHS]:
-        parser.error(f"--paths: unknown {', '.join(unknown)} (choose from {','.join(ALL_PATHS)})")
+    if unknown := [p for p in args.paths if p not in PATHS]:
+        parser.error(f"--paths: unknown {', '.join(unknown)} (choose from {','.join(PATHS)})")
+    if not 12 <= args.udp_size <= 65507:
+        parser.error("--udp-size must be 12-65507 (a 12-byte header; the largest IPv4 UDP payload)")
+    if args.udp_seconds is None:
+        args.udp_seconds = 1.0 if args.quick else 2.0
+    if args.udp_seconds <= 0:
+        parser.error("--udp-seconds must be positive")
     return args
 
 
@@ -1015,6 +1328,7 @@ def start_servers(cleanup: Cleanup) -> tuple[int, int]:
     if not ready:
         raise TimeoutError("the sink/echo helper did not start")
     ports = json.loads(helper.stdout.readline())
+    HELPER_PORTS.update(ports)
     return ports["sink"], ports["echo"]
 
 
@@ -1056,7 +1370,7 @@ def main(argv: list[str]) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     na: dict[str, str] = {}
-    for column in ALL_PATHS:
+    for column in COLUMNS:
         if column not in args.paths:
             na[column] = "not selected (--paths)"
     if "ssh" not in na:
@@ -1071,20 +1385,24 @@ def main(argv: list[str]) -> int:
         f"{size / MB:g} MB x {args.runs} runs, {args.rtt_count} RTTs, {args.setup_count} setups, 127.0.0.1")
     if "ssh" in info:
         say(f"ssh: {info['ssh']['version']}, default cipher {info['ssh']['cipher']}")
-    say("computing the payload's sha256 ...")
-    expected_digest(size)
-    expected_digest(CHUNK)
+    tcp_selected = any(c in args.paths for c in COLUMNS)  # the table's columns (UDP and proxy apart)
+    if tcp_selected:
+        say("computing the payload's sha256 ...")
+        expected_digest(size)
+        expected_digest(CHUNK)
 
     workdir = Path(tempfile.mkdtemp(prefix="punchgate-bench-"))
     outer = Cleanup()
     results: dict[str, dict] = {}
+    entries: dict = {}  # UDP and proxy figures
     failed = False
     started = time.monotonic()
     try:
         sink, echo = start_servers(outer)
-        for column in ALL_PATHS:
+        for column in COLUMNS:
             if column in na:
-                say(f"\n== {TITLES[column]}: n/a ({na[column]})")
+                if tcp_selected:
+                    say(f"\n== {TITLES[column]}: n/a ({na[column]})")
                 continue
             say(f"\n== {TITLES[column]}")
             cleanup = Cleanup()
@@ -1142,6 +1460,22 @@ def main(argv: list[str]) -> int:
             finally:
                 cleanup.run()
                 blocks.remove_all()
+        if "udp" in args.paths or "proxy" in args.paths:
+            say("\n== UDP and proxy entries (direct)")
+            cleanup = Cleanup()
+            try:
+                entry_path = start_entries(workdir, echo, HELPER_PORTS["udp_sink"], cleanup)
+                if "udp" in args.paths:
+                    entries["udp"] = measure_udp(entry_path, HELPER_PORTS["udp_sink"], args.udp_size,
+                                                 args.udp_seconds, args.quick)
+                if "proxy" in args.paths:
+                    entries["proxy"] = measure_proxy(entry_path, args.setup_count)
+            except Exception as exc:  # the TCP results stand on their own
+                failed = True
+                entries["error"] = short_error(exc)
+                say(f"    FAILED: {entries['error']}")
+            finally:
+                cleanup.run()
     except KeyboardInterrupt:
         failed = True
         say("\ninterrupted; stopping everything")
@@ -1151,12 +1485,14 @@ def main(argv: list[str]) -> int:
         if column not in results and column not in na:
             na[column] = "not measured (interrupted)"
 
-    rows = report(results, na, size, args.runs)
+    rows = report(results, na, size, args.runs) if tcp_selected else []
+    report_entries(entries)
     total = time.monotonic() - started
     say(f"\ntotal {total:.0f} s")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"info": info, "results": results, "not_measured": na, "targets": rows}, indent=2) + "\n"
+            json.dumps({"info": info, "results": results, "not_measured": na, "targets": rows, "entries": entries},
+                       indent=2) + "\n"
         )
         say(f"results written to {args.json}")
     if failed:

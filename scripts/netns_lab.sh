@@ -13,6 +13,8 @@
 #                  <PREFIX>-hosta          <PREFIX>-hostb
 #                  10.99.1.10              10.99.2.10
 #
+# Addresses come from scripts/nat_topology.env and the routers' rules from
+# scripts/nat_gateway.sh, which the compose topology (compose/compose.yaml) uses too.
 # Routers: MASQUERADE lan->wan (port preserving, "cone-like"; with --symmetric
 # the mapping uses --random-fully, so every flow gets a random public port),
 # FORWARD policy DROP except lan->wan and ESTABLISHED,RELATED back, INPUT policy
@@ -62,16 +64,11 @@ set -Eeuo pipefail
 ROLES=(inet pub rtra rtrb hosta hostb)
 STATE_DIR=/run/punchgate-netns-lab
 
-INET_GW=100.64.0.254
-PUB_IP=100.64.0.10
-RTRA_WAN=100.64.0.11
-RTRB_WAN=100.64.0.12
-LANA_NET=10.99.1.0/24
-LANB_NET=10.99.2.0/24
-RTRA_LAN=10.99.1.1
-RTRB_LAN=10.99.2.1
-HOSTA_IP=10.99.1.10
-HOSTB_IP=10.99.2.10
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+GATEWAY="$SCRIPT_DIR/nat_gateway.sh"
+# INET_GW PUB_IP RTRA_WAN RTRB_WAN LANA_NET LANB_NET RTRA_LAN RTRB_LAN HOSTA_IP HOSTB_IP
+# shellcheck source=nat_topology.env
+source "$SCRIPT_DIR/nat_topology.env"
 
 PREFIX="${NETNS_LAB_PREFIX:-pglab}"
 SYMMETRIC=0
@@ -184,27 +181,16 @@ veth() { # veth ROLE1 IF1 ROLE2 IF2 : veth pair created directly inside the name
 }
 
 router_setup() { # router_setup ROLE LAN_ADDR LAN_NET WAN_ADDR
-    local r=$1 lan_addr=$2 lan_net=$3 wan_addr=$4 masq_extra=()
+    local r=$1 lan_addr=$2 lan_net=$3 wan_addr=$4 mode=()
     nsx "$r" ip addr add "$wan_addr/24" dev wan
     nsx "$r" ip addr add "$lan_addr/24" dev lan
     nsx "$r" ip link set wan up
     nsx "$r" ip link set lan up
     nsx "$r" ip route add default via "$INET_GW" dev wan
-    local p
-    for p in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16; do
-        nsx "$r" ip route add blackhole "$p"
-    done
+    nsx "$r" "$GATEWAY" blackholes
     sysctl_ns "$r" net.ipv4.ip_forward=1
-    [[ $SYMMETRIC -eq 1 ]] && masq_extra=(--random-fully)
-    nsx "$r" iptables -w -t nat -A POSTROUTING -s "$lan_net" -o wan -j MASQUERADE "${masq_extra[@]}"
-    nsx "$r" iptables -w -P FORWARD DROP
-    nsx "$r" iptables -w -A FORWARD -i lan -o wan -j ACCEPT
-    nsx "$r" iptables -w -A FORWARD -i wan -o lan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
-    nsx "$r" iptables -w -P INPUT DROP
-    nsx "$r" iptables -w -A INPUT -i lo -j ACCEPT
-    nsx "$r" iptables -w -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
-    nsx "$r" iptables -w -A INPUT -i lan -j ACCEPT
-    nsx "$r" iptables -w -A INPUT -p icmp --icmp-type echo-request -j ACCEPT
+    [[ $SYMMETRIC -eq 1 ]] && mode=(--symmetric)
+    nsx "$r" "$GATEWAY" rules wan lan "$lan_net" "${mode[@]}"
 }
 
 host_setup() { # host_setup ROLE ADDR GW
@@ -284,9 +270,7 @@ lab_up() {
     nsx pub ip addr add "$PUB_IP/24" dev eth0
     nsx pub ip link set eth0 up
     nsx pub ip route add default via "$INET_GW" dev eth0
-    for p in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16; do
-        nsx pub ip route add blackhole "$p"
-    done
+    nsx pub "$GATEWAY" blackholes
 
     # home networks
     veth rtra lan hosta eth0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import itertools
 import socket
 import tempfile
 from functools import partial
@@ -23,6 +22,7 @@ from punchgate.specs import transport_of
 LOOPBACK_TCP = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 LOOPBACK_QUIC = multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")
 LOOPBACK = {"tcp": LOOPBACK_TCP, "quic": LOOPBACK_QUIC}  # a node listening on one transport only
+_NODE_DIRS = tempfile.TemporaryDirectory(prefix="punchgate-test-nodes-")  # removed when the run ends
 NODE_START_TIMEOUT = 20
 
 
@@ -61,17 +61,12 @@ async def start_echo_server(nursery: trio.Nursery) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-# Each in-process node gets its own identity path there, so the memory of peers it keeps
-# next to its identity (punchgate/memory.py) never lands in the working directory.
-_NODE_FILES = tempfile.TemporaryDirectory(prefix="punchgate-test-nodes-")
-_node_numbers = itertools.count(1)
-
-
-async def start_node(nursery: trio.Nursery, **config: object) -> Node:
+async def start_node(nursery: trio.Nursery, key_pair=None, **config: object) -> Node:
     config.setdefault("listen", (LOOPBACK_TCP,))
+    # Each node its own identity path: its memory of peers is written next to it.
+    config.setdefault("identity", Path(tempfile.mkdtemp(dir=_NODE_DIRS.name)) / "identity.key")
     config.setdefault("mdns", False)  # tests that want the LAN say so
-    config.setdefault("identity", Path(_NODE_FILES.name) / f"node-{next(_node_numbers)}.key")
-    node = Node(Config(**config), create_new_key_pair())
+    node = Node(Config(**config), key_pair or create_new_key_pair())
     with trio.fail_after(NODE_START_TIMEOUT):
         await nursery.start(node.run)
         await node.ready.wait()

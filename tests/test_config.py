@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from punchgate.config import DEFAULT_LISTEN, UsageError, parse_config
+from punchgate.limits import Limits
 from punchgate.specs import HostPort, SpecError, parse_host_port, parse_tunnel
 
 PEER = "12D3KooWAuDFkDGEM9nHzYXD9C3mG4dUy9PAm5yf2BCKTuJQp41T"
@@ -54,6 +55,13 @@ def test_mdns_on_by_default_and_off_by_flag_or_variable():
     assert parse_config(["--republish-interval", "60"], {}).republish_interval == 60.0
 
 
+def test_port_mapping_on_by_default_and_off_by_flag_or_variable():
+    assert parse_config([], {}).port_mapping is True
+    assert parse_config(["--no-port-mapping"], {}).port_mapping is False
+    assert parse_config([], {"PUNCHGATE_NO_PORT_MAPPING": "yes"}).port_mapping is False
+    assert parse_config([], {"PUNCHGATE_NO_PORT_MAPPING": "false"}).port_mapping is True
+
+
 def test_environment_lists_are_comma_separated_and_flags_win():
     env = {
         "PUNCHGATE_EXPOSE": "a=127.0.0.1:1, b=127.0.0.1:2",
@@ -88,6 +96,20 @@ def test_environment_lists_are_comma_separated_and_flags_win():
         (["--republish-interval", "0"], {}, "--republish-interval"),
         (["--republish-interval", "soon"], {}, "--republish-interval"),
         ([], {"PUNCHGATE_NO_MDNS": "maybe"}, "PUNCHGATE_NO_MDNS"),
+        (["--expose", "dns=127.0.0.1:53/sctp"], {}, "--expose"),
+        (["--tunnel-by-name", "dns@127.0.0.1:5353/"], {}, "--tunnel-by-name"),
+        (["--tunnel-by-name", "a@127.0.0.1:9/udp", "--tunnel-by-name", "b@127.0.0.1:9/udp"], {}, "--tunnel"),
+        (["--proxy", "127.0.0.1:9", "--tunnel-by-name", "b@127.0.0.1:9"], {}, "--tunnel"),
+        (["--proxy", "localhost"], {}, "--proxy"),
+        (["--udp-idle", "0.5"], {}, "--udp-idle"),
+        ([], {"PUNCHGATE_NO_PORT_MAPPING": "maybe"}, "PUNCHGATE_NO_PORT_MAPPING"),
+        (["--allow", "ssh"], {}, "--allow"),
+        (["--allow", "ssh=somebody"], {}, "--allow"),
+        (["--allow", f"ssh={PEER},"], {}, "--allow"),
+        ([], {"PUNCHGATE_ALLOW": f"ssh={PEER};web"}, "PUNCHGATE_ALLOW"),
+        (["--limit", "tunnel_sessions"], {}, "--limit"),
+        (["--limit", "sessions=4"], {}, "--limit"),
+        ([], {"PUNCHGATE_LIMIT": "handshake_timeout=0"}, "PUNCHGATE_LIMIT"),
     ],
 )
 def test_bad_values_name_the_flag_and_give_an_example(argv, env, flag):
@@ -97,6 +119,33 @@ def test_bad_values_name_the_flag_and_give_an_example(argv, env, flag):
     assert message.startswith(flag)
     assert "example:" in message
     assert "\n" not in message
+
+
+def test_udp_suffix_proxy_and_udp_idle():
+    config = parse_config(
+        [
+            "--expose", "dns=127.0.0.1:53/udp",
+            "--expose", "web=127.0.0.1:80/tcp",
+            "--tunnel", f"{PEER}:dns@127.0.0.1:5353/udp",
+            "--tunnel-by-name", "dns@[::1]:5353/UDP",
+            "--tunnel-by-name", "ssh@127.0.0.1:5353",  # the same port over TCP is another socket
+            "--proxy", "127.0.0.1:1080",
+            "--udp-idle", "5",
+        ],
+        {},
+    )
+    assert [(e.name, e.target, e.transport) for e in config.expose] == [
+        ("dns", HostPort("127.0.0.1", 53), "udp"),
+        ("web", HostPort("127.0.0.1", 80), "tcp"),
+    ]
+    assert (config.tunnels[0].bind, config.tunnels[0].transport) == (HostPort("127.0.0.1", 5353), "udp")
+    assert [(t.bind, t.transport) for t in config.tunnels_by_name] == [
+        (HostPort("::1", 5353), "udp"), (HostPort("127.0.0.1", 5353), "tcp"),
+    ]
+    assert config.proxy == HostPort("127.0.0.1", 1080) and config.udp_idle == 5.0
+    defaults = parse_config([], {})
+    assert defaults.proxy is None and defaults.udp_idle == 60.0
+    assert parse_config([], {"PUNCHGATE_PROXY": "127.0.0.1:1081"}).proxy == HostPort("127.0.0.1", 1081)
 
 
 def test_specs_reject_ambiguous_ipv6_and_accept_brackets():
@@ -135,3 +184,51 @@ def test_cli_version():
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("punchgate ")
+
+
+OTHER = "12D3KooWQGsb7e97Ueevd9QugKewJoAsstrwdw5c1hkxnuZbpPdV"
+
+
+def test_access_control_flags_and_variables():
+    config = parse_config(
+        [
+            "--allow", f"ssh={PEER},{OTHER}",
+            "--allow", "web=*",
+            "--allow-file", "/etc/punchgate/allow",
+            "--network-key", "/etc/punchgate/network.key",
+            "--limit", "tunnel_sessions=100",
+            "--limit", "handshake_timeout=2.5",
+        ],
+        {},
+    )
+    assert config.allow == (("ssh", frozenset({PEER, OTHER})), ("web", frozenset({"*"})))
+    assert config.allow_file == Path("/etc/punchgate/allow")
+    assert config.network_key == Path("/etc/punchgate/network.key")
+    assert (config.limits.tunnel_sessions, config.limits.handshake_timeout) == (100, 2.5)
+    assert config.limits.inbound_conns == Limits().inbound_conns  # the others keep their defaults
+
+
+def test_access_control_variables_allow_entries_are_separated_by_semicolons():
+    env = {
+        "PUNCHGATE_ALLOW": f"ssh={PEER},{OTHER}; web=* ;",
+        "PUNCHGATE_ALLOW_FILE": "allow.txt",
+        "PUNCHGATE_NETWORK_KEY": "net.key",
+        "PUNCHGATE_LIMIT": "inbound_conns=10,inbound_conns_per_ip=2",
+    }
+    config = parse_config([], env)
+    assert dict(config.allow) == {"ssh": frozenset({PEER, OTHER}), "web": frozenset({"*"})}
+    assert (config.allow_file, config.network_key) == (Path("allow.txt"), Path("net.key"))
+    assert (config.limits.inbound_conns, config.limits.inbound_conns_per_ip) == (10, 2)
+    assert parse_config(["--allow", f"db={PEER}"], env).allow == (("db", frozenset({PEER})),)  # the flag wins
+
+
+def test_no_access_control_by_default():
+    config = parse_config([], {})
+    assert (config.allow, config.allow_file, config.network_key, config.limits) == ((), None, None, Limits())
+
+
+def test_help_lists_the_access_control_flags():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--allow SERVICE=PEER_ID", "--allow-file PATH", "--network-key PATH", "--limit NAME=VALUE"):
+        assert flag in result.stdout

@@ -8,7 +8,7 @@ import trio
 
 from conftest import address_of, exchange, free_port, sha256, start_echo_server, start_node
 from punchgate.runtime.discovery import service_key
-from punchgate.specs import ExposeSpec, HostPort, TunnelByNameSpec
+from punchgate.specs import ExposeSpec, HostPort, TunnelByNameSpec, TunnelSpec
 
 TEST_TIMEOUT = 90
 
@@ -218,3 +218,32 @@ async def test_on_trios_clock_a_client_waits_for_a_provider_started_20_s_later(m
             assert 20 <= waited < 30, waited
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_node_whose_mdns_port_is_taken_runs_without_lan_discovery():
+    """UDP 5353 held by a responder that does not share it (here: a plain socket): the
+    node says LAN discovery is off and keeps working; it used to die at start."""
+    import socket
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        holder.bind(("0.0.0.0", 5353))
+    except OSError as exc:  # someone shares it already (a real responder): nothing to show here
+        holder.close()
+        import pytest
+
+        pytest.skip(f"UDP 5353 is in use on this machine ({exc.strerror}): cannot take it exclusively")
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                port = await start_echo_server(nursery)
+                p = await start_node(nursery, mdns=True, expose=(ExposeSpec("echo", HostPort("127.0.0.1", port)),))
+                bind = free_port()
+                await start_node(
+                    nursery, mdns=True, bootstrap=(address_of(p),),
+                    tunnels=(TunnelSpec(str(p.peer_id), "echo", HostPort("127.0.0.1", bind)),),
+                )
+                assert await exchange(bind, b"still serving") == b"still serving"
+                nursery.cancel_scope.cancel()
+    finally:
+        holder.close()

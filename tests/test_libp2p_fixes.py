@@ -317,7 +317,7 @@ async def test_parked_writer_is_bounded_by_callers_cancel_scope():
 
 
 # ---------------------------------------------------------------------------
-# Flow control and the frame path (yamux_flow + noise).
+# Flow control and the frame path (transports: yamux + noise).
 
 
 def frame_log(conn) -> list[tuple[int, int, int, int]]:

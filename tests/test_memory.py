@@ -66,3 +66,8 @@ def test_any_file_content_gives_a_memory_or_a_clear_refusal(text):
         assert str(exc)
     else:
         assert ME not in parsed.peers and len(parsed.peers) <= 2 * MAX_PEERS
+
+
+def test_addresses_are_kept_once_without_the_peers_own_p2p_part():
+    kept = Memory(ME).remember(OTHER, ("/ip4/198.51.100.7/tcp/4001", f"/ip4/198.51.100.7/tcp/4001/p2p/{OTHER}"), "ssh", False, 1.0)
+    assert kept.peers[OTHER].addrs == ("/ip4/198.51.100.7/tcp/4001",)

@@ -41,6 +41,8 @@ def test_restart_without_the_bootstrap_node(tmp_path):
         lab.start_echo_server(role="pub")
         lab.node("boot", "pub", port=NODE_PORT + 1)
         lab.node("provider", "pub", "--bootstrap", boot, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
+        # A provider with a public address: running for a while, it knows it is reachable.
+        lab.expect("provider", "nat status", 30, status="public")
         lab.node("client", "hostb", "--bootstrap", boot, "--tunnel-by-name", "echo@127.0.0.1:2222")
         lab.nodes["hostb"] = lab.nodes["client"]  # first_echo reads hostb's log
         first = lab.first_echo("before", lab.started["client"], PAYLOAD, 60)

@@ -65,6 +65,7 @@ def test_json_logs_startup_events_and_identity_reuse(tmp_path, processes):
 def test_corrupt_identity_is_a_clear_error(tmp_path, processes):
     key = tmp_path / "bad.key"
     key.write_bytes(b"not a key")
+    key.chmod(0o600)
     proc = processes("--identity", str(key), "--listen", LOOPBACK)
     assert proc.proc.wait(timeout=30) == 1
     proc.drain()

@@ -17,10 +17,12 @@ from punchgate.state import events as ev
 from punchgate.state.machine import (
     BOOTSTRAP_BACKOFF,
     DIRECT_DIAL_TIMEOUT,
+    MAP_BACKOFF,
+    MAP_UNUSABLE_RETRY,
     PUNCH_WAIT,
     RELAYED_DIAL_TIMEOUT,
 )
-from punchgate.state.model import PunchStatus
+from punchgate.state.model import MapStatus, PunchStatus
 
 BOOT = ("boot1", "boot2")
 PROVIDER = "prov"
@@ -445,6 +447,9 @@ events = st.one_of(
     st.builds(ev.ReachabilityChecked, PEERS, ATTEMPTS, st.sampled_from(list(NatStatus)),
               st.sampled_from(["dialback", "autonat", "none"]), st.sampled_from([None, True, False])),
     st.builds(ev.PortMappingObserved, PEERS, ATTEMPTS, st.booleans()),
+    st.builds(ev.PortsMapped, ATTEMPTS, st.sampled_from(["natpmp", "upnp"]), st.just("203.0.113.9"),
+              st.sampled_from([(40001,), (40002,)]), st.sampled_from([0.0, 60.0, 3600.0])),
+    st.builds(ev.PortMappingFailed, ATTEMPTS, st.just("no gateway")),
     st.builds(ev.RelayReserved, RELAYS, ATTEMPTS, st.sampled_from([60.0, 3600.0]), LIMITS),
     st.builds(ev.RelayReservationFailed, RELAYS, ATTEMPTS, st.just("no")),
     st.builds(ev.PublishDone, ATTEMPTS, st.booleans()),
@@ -462,7 +467,8 @@ events = st.one_of(
 )
 steps = st.lists(st.tuples(events, st.floats(min_value=0, max_value=20)), max_size=40)
 initial_states = st.builds(
-    NodeState.initial, st.sampled_from([(), ("boot1",), BOOT]), st.sampled_from([(), ("ssh",), ("ssh", "echo")])
+    NodeState.initial, st.sampled_from([(), ("boot1",), BOOT]), st.sampled_from([(), ("ssh",), ("ssh", "echo")]),
+    port_mapping=st.booleans(),
 )
 SHUTDOWN_KINDS = (cmd.StopTunnelListeners, cmd.CloseTunnelSessions, cmd.StopHost, cmd.DiscardStream)
 
@@ -471,6 +477,8 @@ def pending(state: NodeState) -> list[tuple[int, float]]:
     """(attempt, deadline) of every piece of work the machine waits for."""
     work = [(b.attempt, b.deadline) for b in state.bootstrap if b.attempt is not None]
     work += [(x.attempt, x.deadline) for x in (state.nat, state.relay, state.publication) if x.attempt is not None]
+    pm = state.portmap
+    work += [(a, d) for a, d in ((pm.attempt, pm.deadline), (pm.check, pm.check_deadline)) if a is not None]
     work += [(n.lookup, n.lookup_deadline) for n in state.names.values() if n.lookup is not None]
     for link in state.links.values():
         if link.dial is not None:
@@ -543,7 +551,7 @@ def test_a_stale_result_is_ignored(state, sequence, stale):
     attempt = getattr(stale, "attempt", None)
     if attempt is None or attempt in {a for a, _ in pending(state)} or isinstance(stale, (ev.StreamAccepted,)):
         return
-    if isinstance(stale, ev.ReachabilityChecked) and state.nat.attempt == attempt:
+    if isinstance(stale, ev.ReachabilityChecked) and attempt in (state.nat.attempt, state.portmap.check):
         return
     after_stale = transition(state, stale, now)
     after_tick = transition(state, ev.Tick(), now)
@@ -585,7 +593,7 @@ def test_services_are_published_only_with_an_address_worth_publishing(state, seq
     for _, _, _, new, commands in drive(state, sequence):
         if any(isinstance(c, cmd.PublishServices) for c in commands):
             assert new.phase is Phase.READY and new.services
-            assert not new.bootstrap or new.nat.status is NatStatus.PUBLIC or new.relay.status is RelayStatus.RESERVED
+            assert not new.bootstrap or new.reachable or new.relay.status is RelayStatus.RESERVED
 
 
 @settings(max_examples=300, deadline=None)
@@ -596,9 +604,12 @@ def test_shutdown_is_reachable_from_anywhere_absorbing_and_a_second_request_stop
         state = new
     if state.phase is Phase.SHUTTING_DOWN:
         return
+    pm = state.portmap
+    unmap: list[cmd.Command] = [] if pm.status not in (MapStatus.MAPPING, MapStatus.MAPPED) else (
+        [cmd.Cancel(pm.attempt)] if pm.attempt is not None else []) + [cmd.UnmapPorts()]
     state, commands = transition(state, ev.ShutdownRequested("test"), now)
     assert state.phase is Phase.SHUTTING_DOWN
-    assert commands == [cmd.StopTunnelListeners(), cmd.CloseTunnelSessions()]
+    assert commands == [cmd.StopTunnelListeners(), cmd.CloseTunnelSessions(), *unmap]
     for _, _, _, new, more in drive(state, sequence):
         assert new.phase is Phase.SHUTTING_DOWN
         assert all(isinstance(c, SHUTDOWN_KINDS) for c in more), more
@@ -654,3 +665,197 @@ def test_peers_known_from_an_earlier_run_are_tried_without_a_look_up():
     commands = run(ev.SessionStarted(1, "echo"), 0.1)
     assert run.one(cmd.DialDirect, commands).addrs == (DIRECT_ADDR,)  # at once, from memory
     assert any(isinstance(c, cmd.LookupService) for c in commands)  # and the network asked meanwhile
+
+
+# --- port mapping ---------------------------------------------------------------------
+
+MAPPED_IP = "203.0.113.9"
+MAPPED = f"/ip4/{MAPPED_IP}/tcp/40001"
+
+
+def mapping(services=("ssh",), lease=3600.0) -> tuple[Run, cmd.CheckReachability]:
+    """A joined node whose router granted a mapping; returns the dial-back check of it."""
+    run = joined(services=services, port_mapping=True)
+    run(ev.PortsMapped(run.one(cmd.MapPorts).attempt, "natpmp", MAPPED_IP, (40001,), lease), 0.01)
+    return run, next(c for c in run.log if isinstance(c, cmd.CheckReachability) and c.ports)
+
+
+def test_a_mapped_address_is_advertised_once_a_dial_back_to_the_mapped_port_got_through():
+    run = joined(services=("ssh",), port_mapping=True)
+    mapper = run.one(cmd.MapPorts)
+    assert run.state.portmap.status is MapStatus.MAPPING
+    commands = run(ev.PortsMapped(mapper.attempt, "natpmp", MAPPED_IP, (40001,), 3600.0), 0.01)
+    check = run.one(cmd.CheckReachability, [c for c in commands if isinstance(c, cmd.CheckReachability)])
+    assert check.ports == (40001,)  # the checker dials the router's port, not our listen port
+    assert not any(isinstance(c, cmd.Advertise) and c.mapped for c in run.log)  # not before the check
+    commands = run(ev.ReachabilityChecked("boot1", check.attempt, NatStatus.PUBLIC, "dialback"), 0.1)
+    assert cmd.Advertise(direct=False, relay=None, mapped=(MAPPED,)) in commands
+    assert cmd.SetDhtMode(True) in commands and any(isinstance(c, cmd.PublishServices) for c in commands)
+    assert run.state.relay.status is RelayStatus.IDLE  # reachable: no relay slot, no circuit address
+    assert run.state.reachable and run.state.nat.status is NatStatus.UNKNOWN  # our own addresses: still unknown
+    # The check of our own addresses says private (symmetric NAT): the mapping keeps us reachable.
+    nat_check = next(c for c in run.log if isinstance(c, cmd.CheckReachability) and not c.ports)
+    run(ev.ReachabilityChecked("boot1", nat_check.attempt, NatStatus.PRIVATE, "dialback", False), 3)
+    assert run.state.reachable and not any(isinstance(c, cmd.ReserveRelay) for c in run.until(run.now + 60))
+
+
+def test_the_mapping_is_renewed_half_way_through_its_lease_and_lost_when_renewal_fails():
+    run, check = mapping(lease=3600.0)
+    run(ev.ReachabilityChecked("boot1", check.attempt, NatStatus.PUBLIC, "dialback"))
+    start = run.now
+    assert not any(isinstance(c, cmd.MapPorts) for c in run.until(start + 1799))
+    renew = run.one(cmd.MapPorts, run.until(start + 1801))
+    run(ev.PortsMapped(renew.attempt, "natpmp", MAPPED_IP, (40001,), 3600.0), 0.01)
+    assert run.state.portmap.confirmed  # the same address: no new check needed
+    renew = run.one(cmd.MapPorts, run.until(run.now + 1801))
+    commands = run(ev.PortMappingFailed(renew.attempt, "NAT-PMP: refused"), 0.01)
+    assert cmd.Advertise(direct=False, relay=None, mapped=()) in commands
+    assert any(isinstance(c, cmd.Note) and c.event == "port mapping lost" and c.level == "warning" for c in commands)
+    assert any(isinstance(c, cmd.ReserveRelay) for c in commands)  # unreachable again: a slot
+
+
+def test_a_router_that_grants_a_mapping_but_forwards_nothing_is_found_out():
+    run, check = mapping()
+    commands = run(ev.ReachabilityChecked("boot1", check.attempt, NatStatus.PRIVATE, "dialback"), 3)
+    note = run.one(cmd.Note, commands)
+    assert note.event == "port mapping unusable" and note.level == "warning"
+    assert cmd.UnmapPorts() in commands  # no use leaving it on the router
+    later = run.until(run.now + MAP_UNUSABLE_RETRY - 1)
+    assert not any(isinstance(c, cmd.MapPorts) for c in later)  # it would say yes again
+    assert not any(isinstance(c, cmd.Advertise) and c.mapped for c in run.log)
+    assert any(isinstance(c, cmd.MapPorts) for c in run.until(run.now + 2))
+
+
+def test_a_router_that_stops_forwarding_is_found_out_at_the_next_check_and_the_address_withdrawn():
+    run, check = mapping()
+    run(ev.ReachabilityChecked("boot1", check.attempt, NatStatus.PUBLIC, "dialback"))
+    recheck = run.one(cmd.CheckReachability, [c for c in run.until(run.now + 601) if isinstance(c, cmd.CheckReachability)
+                                              and c.ports])
+    commands = run(ev.ReachabilityChecked("boot1", recheck.attempt, NatStatus.PRIVATE, "dialback"))
+    assert cmd.Advertise(direct=False, relay=None, mapped=()) in commands and cmd.UnmapPorts() in commands
+    assert any(isinstance(c, cmd.ReserveRelay) for c in commands)
+
+
+def test_a_network_without_a_gateway_is_said_once_and_asked_again_rarely():
+    run = joined(port_mapping=True)
+    commands = run(ev.PortMappingFailed(run.one(cmd.MapPorts).attempt, "no port-mapping gateway answered"), 2)
+    note = run.one(cmd.Note, commands)
+    assert (note.event, note.level) == ("port mapping unavailable", "info")
+    asked = [run.now]
+    while len(asked) < 8:
+        commands = run(ev.Tick(), next_wakeup(run.state, run.now) - run.now)
+        for mapper in (c for c in commands if isinstance(c, cmd.MapPorts)):
+            asked.append(run.now)
+            assert not [c for c in run(ev.PortMappingFailed(mapper.attempt, "no gateway"), 2) if isinstance(c, cmd.Note)]
+    gaps = [b - a for a, b in zip(asked, asked[1:])]
+    assert gaps[0] >= MAP_BACKOFF[0] - 1e-6 and gaps[-1] >= MAP_BACKOFF[1] - 1e-6 and all(g <= MAP_BACKOFF[1] + 3 for g in gaps)
+    assert run.one(cmd.Note) is note
+
+
+def test_shutdown_removes_the_mapping_and_a_mapping_being_made():
+    run, check = mapping()
+    run(ev.ReachabilityChecked("boot1", check.attempt, NatStatus.PUBLIC, "dialback"))
+    assert run(ev.ShutdownRequested("SIGTERM"), 1) == [cmd.StopTunnelListeners(), cmd.CloseTunnelSessions(), cmd.UnmapPorts()]
+    run = joined(port_mapping=True)
+    mapper = run.one(cmd.MapPorts)
+    assert run(ev.ShutdownRequested("SIGTERM"))[2:] == [cmd.Cancel(mapper.attempt), cmd.UnmapPorts()]
+
+
+def test_no_port_mapping_when_turned_off_or_without_bootstrap_peers():
+    for run in (joined(), joined(bootstrap=(), port_mapping=True)):
+        run.until(run.now + 3600)
+        assert not any(isinstance(c, (cmd.MapPorts, cmd.UnmapPorts)) for c in run.log)
+
+
+def test_a_new_external_port_is_checked_again_before_it_is_advertised():
+    run, check = mapping()
+    run(ev.ReachabilityChecked("boot1", check.attempt, NatStatus.PUBLIC, "dialback"))
+    renew = run.one(cmd.MapPorts, [c for c in run.until(run.now + 1801) if isinstance(c, cmd.MapPorts)])
+    commands = run(ev.PortsMapped(renew.attempt, "natpmp", MAPPED_IP, (40002,), 3600.0))
+    assert cmd.Advertise(direct=False, relay=None, mapped=()) in commands  # the old port is gone
+    check = run.one(cmd.CheckReachability, [c for c in commands if isinstance(c, cmd.CheckReachability)])
+    assert check.ports == (40002,)
+
+
+# Mapping outcomes and checks, more often than among all events, most of them answering
+# the work under way (attempt CURRENT: the mapping's or its check's attempt at that moment);
+# from a node that listens and reached a bootstrap peer.
+CURRENT = -1
+GRANTED = st.builds(ev.PortsMapped, st.just(CURRENT), st.sampled_from(["natpmp", "upnp"]), st.just(MAPPED_IP),
+                    st.sampled_from([(40001,), (40002,)]), st.sampled_from([0.0, 60.0, 3600.0]))
+CHECKED = st.builds(ev.ReachabilityChecked, st.just("boot1"), st.just(CURRENT),
+                    st.sampled_from([NatStatus.PUBLIC, NatStatus.PUBLIC, NatStatus.PUBLIC, NatStatus.PRIVATE,
+                                     NatStatus.UNKNOWN]), st.sampled_from(["dialback", "dialback", "none"]))
+REFUSED = st.builds(ev.PortMappingFailed, st.just(CURRENT), st.just("no gateway"))
+PORTMAP_EVENTS = st.one_of(GRANTED, GRANTED, GRANTED, CHECKED, CHECKED, CHECKED, REFUSED)
+GAPS = st.one_of(st.floats(0, 2), st.floats(0, 2), st.floats(0, 2), st.floats(0, 700))
+MOSTLY_PORTMAP = st.integers(0, 3).flatmap(lambda i: events if i == 0 else PORTMAP_EVENTS)
+portmap_steps = st.lists(st.tuples(MOSTLY_PORTMAP, GAPS), min_size=4, max_size=40)
+portmap_states = st.builds(lambda services: joined(services, port_mapping=True).state, st.sampled_from([(), ("ssh",)]))
+
+
+def drive_portmap(state: NodeState, sequence):
+    """:func:`drive`, with CURRENT attempts made the current mapping's (or check's) at that moment."""
+    def current(event, state: NodeState):
+        if getattr(event, "attempt", None) != CURRENT:
+            return event
+        pm = state.portmap
+        attempt = pm.check if isinstance(event, ev.ReachabilityChecked) else pm.attempt
+        return replace(event, attempt=attempt if attempt is not None else 9999)
+
+    now = 0.0
+    for event, gap in sequence:
+        target = now + gap
+        while (wake := next_wakeup(state, now)) is not None and wake <= target:
+            new, commands = transition(state, ev.Tick(), wake)
+            yield state, ev.Tick(), wake, new, commands
+            state, now = new, wake
+        now = target
+        event = current(event, state)
+        new, commands = transition(state, event, now)
+        yield state, event, now, new, commands
+        state = new
+
+
+@settings(max_examples=200, deadline=None)
+@given(portmap_states, portmap_steps)
+def test_law_a_mapped_address_is_advertised_only_after_a_dial_back_to_it_got_through(state, sequence):
+    checked: set[tuple[str, ...]] = set()  # mapped addresses a dial-back reached, since they were granted
+    for old, event, _, new, commands in drive_portmap(state, sequence):
+        pm = old.portmap
+        if isinstance(event, ev.ReachabilityChecked) and event.attempt == pm.check and event.status is NatStatus.PUBLIC:
+            checked.add(pm.external)
+        for c in commands:
+            if isinstance(c, cmd.Advertise) and c.mapped:
+                assert c.mapped in checked and new.portmap.confirmed and c.mapped == new.portmap.external
+            if isinstance(c, cmd.CheckReachability) and c.ports:
+                assert c.ports == new.portmap.ports  # the dial-back is asked for the mapped ports
+        if new.portmap.external != pm.external:
+            checked.discard(pm.external)
+
+
+@settings(max_examples=200, deadline=None)
+@given(portmap_states, portmap_steps)
+def test_law_a_mapping_is_renewed_before_its_lease_ends_or_given_up(state, sequence):
+    for _, _, now, new, _ in drive_portmap(state, sequence):
+        pm = new.portmap
+        if pm.status is MapStatus.MAPPED and pm.expires_at is not None:
+            assert pm.expires_at > now  # never held past its lease
+            assert pm.attempt is not None or (pm.renew_at is not None and pm.renew_at < pm.expires_at)
+            wake = next_wakeup(new, now)
+            assert wake is not None and wake <= (pm.renew_at if pm.attempt is None and pm.renew_at > now else pm.expires_at)
+
+
+@settings(max_examples=200, deadline=None)
+@given(portmap_states, portmap_steps)
+def test_law_shutdown_removes_any_mapping_held_or_being_made(state, sequence):
+    now = 0.0
+    for _, _, now, new, _ in drive_portmap(state, sequence):
+        state = new
+    if state.phase is Phase.SHUTTING_DOWN:
+        return
+    _, commands = transition(state, ev.ShutdownRequested("test"), now)
+    holds = state.portmap.status in (MapStatus.MAPPING, MapStatus.MAPPED)
+    assert (cmd.UnmapPorts() in commands) == holds
+    if state.portmap.attempt is not None:
+        assert cmd.Cancel(state.portmap.attempt) in commands

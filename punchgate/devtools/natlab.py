@@ -47,8 +47,23 @@ SITUATIONS = (
     "client started first",
 )
 
-PUB_IP = "100.64.0.10"
-NODE_PORT = 4001  # every node listens on /ip4/0.0.0.0/tcp/4001 in its namespace (udp/4001 for QUIC)
+TOPOLOGY_FILE = SCRIPTS / "nat_topology.env"  # the lab's (and compose's) addresses
+
+
+def read_topology(path: Path = TOPOLOGY_FILE) -> dict[str, str]:
+    """The ``KEY=value`` lines of ``scripts/nat_topology.env``."""
+    pairs: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            pairs[key] = value
+    return pairs
+
+
+TOPOLOGY = read_topology()
+PUB_IP = TOPOLOGY["PUB_IP"]
+NODE_PORT = int(TOPOLOGY["NODE_PORT"])  # every node listens on /ip4/0.0.0.0/tcp/4001 in its namespace (udp/4001 for QUIC)
 ECHO_PORT = 7777  # the echo server on hosta's 127.0.0.1
 TUNNEL_PORT = 2222  # hostb's local end of the tunnel to the echo service
 

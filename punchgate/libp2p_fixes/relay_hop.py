@@ -33,7 +33,7 @@ same two streams swapped; the first of the pair to run relays the whole circuit,
 other returns at once. For each circuit:
 
 * both directions run in one nursery under one cancel scope: each reads whatever is
-  buffered, up to eight full frames (one sender batch of ``yamux_flow``), and writes it
+  buffered, up to eight full frames (one sender batch of ``transports/yamux.py``), and writes it
   with no deadline of its own (back-pressure waits);
 * EOF in one direction becomes ``close_write`` on the other stream, and the circuit
   ends cleanly (both streams closed) once both directions have; if either fails, the
@@ -44,6 +44,33 @@ other returns at once. For each circuit:
   either limit the library's ``RESOURCE_LIMIT_EXCEEDED`` status goes out (to the
   stream the over-budget read came from; for the deadline, to the source's hop
   stream), then both streams are reset. No budget (``data == 0``) means unlimited.
+
+Reservation defects (same file, ``_handle_reserve`` ~504-623 and
+``resources.py`` ``RelayResourceManager``):
+
+* the reservation is made for the peer ID named in the RESERVE message (``msg.peer``)
+  when there is one, not for the peer on the connection: one connection can reserve
+  for any number of made-up peer IDs and fill every slot;
+* a reservation counts against ``max_reservations`` until its TTL (1 h) ends even when
+  its peer has disconnected (the spec ends it with the connection), so peers that
+  reserve and leave hold the relay full for an hour;
+* there is no cap per remote IP.
+
+Adjustment: :meth:`RelayHop._handle_reserve` first forgets reservations whose peer has
+no connection left, then admits the request against ``max_reservations`` (total) and
+``max_reservations_per_ip`` (counted by the IP of each holder's connection), refusing
+with ``RESOURCE_LIMIT_EXCEEDED`` (logged at most once per 10 s, with the count held
+back), and hands the library a copy of the message without ``peer``, so the slot is
+always the requesting connection's own peer's. A renewal by a peer that holds a slot
+is always admitted.
+
+Hop streams (``_handle_hop_stream`` ~306-395): the handler reads messages in a loop
+until the peer's EOF or an error, answers that, and returns without closing the stream.
+The stream stays registered on the connection until the connection ends: one leaked
+stream per reservation (renewals included) and per malformed request, which a peer can
+repeat until the muxer's cap. :meth:`RelayHop._handle_hop_stream` closes it (or resets
+it, bounded) when the library's handler returns; a circuit's streams are finished by
+then (the CONNECT handler returns when its circuit has ended).
 
 ``runtime/relay.py`` builds ``RelayHop``; no library name is rebound.
 """
@@ -57,13 +84,19 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
+from libp2p.relay.circuit_v2.utils import write_delimited_msg
 
+from punchgate.limits import LogThrottle
+from punchgate.logs import get_logger
 from punchgate.transports import BATCH_BYTES
 
 logger = logging.getLogger(__name__)
+events = get_logger("punchgate.relay")
+DEFAULT_RESERVATIONS_PER_IP = 8
 
 RELAY_READ = BATCH_BYTES  # one read fills one Yamux sender batch (punchgate.transports, rule 4)
 STATUS_TIMEOUT = 2.0  # the limit status is a courtesy before the reset
@@ -94,10 +127,77 @@ class _Circuit:
 class RelayHop(CircuitV2Protocol):
     """``CircuitV2Protocol`` whose circuits relay both ways independently of each other."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, max_reservations_per_ip: int = DEFAULT_RESERVATIONS_PER_IP, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # Circuits by their two streams (either order), until both calls of the pair came.
         self._circuits: dict[frozenset[int], _Circuit] = {}
+        self.max_reservations_per_ip = max_reservations_per_ip
+        self._reservation_ips: dict[ID, str] = {}  # the IP each slot holder reserved from
+        self._throttle = LogThrottle()
+        self.refused_reservations = 0
+
+    async def _handle_hop_stream(self, stream: INetStream) -> None:
+        try:
+            await super()._handle_hop_stream(stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(stream, clean=True)
+
+    # -- reservations -----------------------------------------------------------
+
+    async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
+        peer = stream.muxed_conn.peer_id
+        ip = _remote_ip(stream)
+        reason = self._admit_reservation(peer, ip)
+        if reason is not None:
+            self.refused_reservations += 1
+            held_back = self._throttle.allow("reservation refused", trio.current_time())
+            if held_back is not None:
+                events.warning("relay reservation refused", peer=str(peer), ip=ip, reason=reason, not_logged_since=held_back)
+            with trio.move_on_after(STATUS_TIMEOUT):
+                try:
+                    await write_delimited_msg(
+                        stream,
+                        HopMessage(type=HopMessage.STATUS, status=to_proto_status(StatusCode.RESOURCE_LIMIT_EXCEEDED)),
+                    )
+                except Exception as error:  # the requester is gone: refused either way
+                    logger.debug("relay: refusing a reservation: %r", error)
+            return
+        own = HopMessage()
+        own.CopyFrom(msg)
+        own.ClearField("peer")  # the slot is always the requesting peer's own
+        # Counted against its IP from now: the library answers, then waits 0.1 s before
+        # returning, and the next request from the same address may come meanwhile.
+        self._reservation_ips[peer] = ip
+        try:
+            await super()._handle_reserve(stream, own)
+        finally:
+            if self.resource_manager.get_reservation(peer) is None:
+                self._reservation_ips.pop(peer, None)
+
+    def _admit_reservation(self, peer: ID, ip: str) -> str | None:
+        """None if ``peer`` (connected from ``ip``) may hold a slot; else why not."""
+        self._forget_departed()
+        held = self.resource_manager._reservations
+        if peer in held:
+            return None  # a renewal
+        if len(held) >= self.limits.max_reservations:
+            return f"relay full ({self.limits.max_reservations} reservations)"
+        if sum(1 for other in self._reservation_ips.values() if other == ip) >= self.max_reservations_per_ip:
+            return f"too many reservations from {ip} ({self.max_reservations_per_ip})"
+        return None
+
+    def _forget_departed(self) -> None:
+        """End the reservations of peers that have no connection to us any more (the
+        spec ties a reservation to its connection) and of expired ones."""
+        network = self.host.get_network()
+        held = self.resource_manager._reservations
+        now = time.time()
+        for peer in list(held):
+            if now > held[peer].expires_at or not network.get_connections(peer):
+                del held[peer]
+        for peer in [p for p in self._reservation_ips if p not in held]:
+            del self._reservation_ips[peer]
 
     async def _relay_data(
         self,
@@ -206,3 +306,11 @@ class RelayHop(CircuitV2Protocol):
         for peer, streams in list(self._active_relays.items()):
             if any(s is a or s is b for s in streams if s is not None):
                 del self._active_relays[peer]
+
+
+def _remote_ip(stream: INetStream) -> str:
+    try:
+        remote = stream.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+    except Exception:  # no address known: one bucket for all such
+        remote = None
+    return str(remote[0]) if remote else "unknown"

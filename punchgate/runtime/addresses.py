@@ -9,6 +9,8 @@ seconds dialing it. :class:`AddressBook` is installed as the host's ``addrs_fact
   loopback (a node told to listen on 127.0.0.1 is meant for this machine only);
 * relay circuit addresses (``<relay>/p2p-circuit``) are added while we hold a
   reservation, so a node behind NAT can be reached through its relay;
+* the address our router forwards to us (``Advertise.mapped``: NAT-PMP or UPnP, once a
+  dial-back got through it) is added as it is;
 * our own addresses are left out altogether while the state machine says they are not
   worth telling (``Advertise(direct=False)``: a node that joined through bootstrap peers
   and is not known to be reachable), except on a node that listens only on loopback
@@ -104,11 +106,12 @@ class AddressBook:
         self._ips = ips
         self.direct = True
         self.relay_addrs: list[multiaddr.Multiaddr] = []
+        self.mapped_addrs: list[multiaddr.Multiaddr] = []
 
     def __call__(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         # A node that listens only on loopback is for this machine, where its addresses always work.
         show = self.direct or _loopback_only(candidates)
-        return advertised(candidates if show else [], self._ips(), self.relay_addrs)
+        return advertised(candidates if show else [], self._ips(), [*self.mapped_addrs, *self.relay_addrs])
 
 
 def _loopback_only(candidates: list[multiaddr.Multiaddr]) -> bool:

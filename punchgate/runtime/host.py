@@ -14,6 +14,12 @@ Decisions:
 * **No dial behind our back.** The swarm's auto-connector dials peers from the
   peerstore on its own; who is dialled when is the state machine's decision, so it is
   turned off (``libp2p_fixes/auto_connector.py``).
+* **A private network turns QUIC off.** With a network key every connection is wrapped
+  in the pnet protector at the security upgrade (``libp2p_fixes/pnet.py``); QUIC
+  connections arrive already secured and never pass there, so a node with a key
+  neither listens on QUIC nor dials it (:func:`listen_addrs_for`), and says so once.
+* **Inbound connections are admitted by us** (``libp2p_fixes/inbound.py``): caps in total
+  and per IP, a handshake deadline, slots released when a connection closes.
 * **Our dials are single attempts.** The swarm retries a failed dial three times on its
   own and, once every address of a peer failed, refuses to dial it again for 60 s (a
   negative cache). When to try again is the state machine's decision, so the swarm's
@@ -43,7 +49,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.transport.tcp.tcp import TCP
 
 from punchgate import libp2p_fixes
-from punchgate.runtime.addresses import AddressBook
+from punchgate.libp2p_fixes.inbound import guard_inbound
+from punchgate.libp2p_fixes.pnet import protect_host
+from punchgate.limits import Limits
+from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.transports.identify import identify_handler
 from punchgate.transports.quic.connection import QuicConn
@@ -81,15 +90,32 @@ class NoRouteError(Exception):
     """No usable connection to a peer could be had."""
 
 
+def listen_addrs_for(
+    listen_addrs: Sequence[multiaddr.Multiaddr], private: bool
+) -> tuple[list[multiaddr.Multiaddr], list[multiaddr.Multiaddr]]:
+    """(addresses to listen on, addresses dropped): a private network drops QUIC ones."""
+    if not private:
+        return list(listen_addrs), []
+    kept = [a for a in listen_addrs if transport_of(a) != "quic"]
+    return kept, [a for a in listen_addrs if transport_of(a) == "quic"]
+
+
 def build_host(
     key_pair: KeyPair,
     listen_addrs: Sequence[multiaddr.Multiaddr],
     address_book: AddressBook | None = None,
+    network_key: bytes | None = None,
+    limits: Limits | None = None,
 ) -> IHost:
+    """A host listening (once run) on ``listen_addrs``; with ``network_key``, a member of
+    that private network only (``listen_addrs`` must then hold no QUIC address)."""
     libp2p_fixes.install()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    # Both transports, whatever we listen on: a node that listens on one can still dial the other.
-    transports = [TCP(), QuicTransport(key_pair.private_key)]
+    if network_key is not None and any(transport_of(a) == "quic" for a in listen_addrs):
+        raise ValueError("a private network cannot use QUIC: filter the addresses with listen_addrs_for")
+    # Both transports, whatever we listen on: a node that listens on one can still dial the
+    # other. A private network is TCP only (its protector sits in TCP's security upgrade).
+    transports = [TCP()] if network_key is not None else [TCP(), QuicTransport(key_pair.private_key)]
     resource_manager = new_resource_manager()  # what new_host() gives every host by default
     swarm = new_swarm(
         key_pair=key_pair,
@@ -106,6 +132,12 @@ def build_host(
         addrs_factory=address_book if address_book is not None else AddressBook(),
     )
     host.set_stream_handler(IDENTIFY_PROTOCOL, identify_handler(host))
+    limits = limits or Limits()
+    # Our gate's deadline is the one that counts; the library's own (inside it) is later.
+    host.get_network().connection_config.inbound_upgrade_timeout = limits.handshake_timeout + 1  # type: ignore[attr-defined]
+    guard_inbound(host, limits)
+    if network_key is not None:
+        protect_host(host, network_key)
     return host
 
 
@@ -154,6 +186,18 @@ def known_addrs(host: IHost, peer_id: ID) -> list[multiaddr.Multiaddr]:
         return list(host.get_peerstore().addrs(peer_id))
     except Exception:  # PeerStoreError
         return []
+
+
+def own_record_addrs(host: IHost, peer_id: ID) -> list[str]:
+    """The addresses ``peer_id`` itself last advertised, as its signed peer record says (from
+    identify or a DHT answer): not addresses others saw it at (a hole-punched connection's
+    address works only with a punch)."""
+    try:
+        envelope = host.get_peerstore().get_peer_record(peer_id)
+        addrs = [] if envelope is None else envelope.record().addrs
+    except Exception:  # unknown peer, or a record that does not decode
+        return []
+    return [str(a) for a in addrs if "/p2p-circuit" in str(a) or not is_unhelpful_addr(a)]
 
 
 def relay_of(conn: INetConn) -> str | None:

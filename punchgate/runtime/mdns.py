@@ -40,10 +40,15 @@ class MdnsDiscovery:
         peerDiscovery.register_peer_discovered_handler(self._discovered)
         mdns = None
         try:
-            mdns = await trio.to_thread.run_sync(
-                lambda: create_mdns_discovery(self.host.get_network(), host=self.host)
-            )
-            await trio.to_thread.run_sync(mdns.broadcaster.register)
+            try:
+                mdns = await trio.to_thread.run_sync(
+                    lambda: create_mdns_discovery(self.host.get_network(), host=self.host)
+                )
+                await trio.to_thread.run_sync(mdns.broadcaster.register)
+            except OSError as exc:  # port 5353 held by a responder that does not share it, no multicast...
+                log.warning("mdns unavailable", reason=f"{exc.strerror or exc}; LAN discovery is off")
+                task_status.started()
+                return
             log.info("mdns announcing", service=mdns.service_name)
             task_status.started()
             while True:

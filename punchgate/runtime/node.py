@@ -36,10 +36,14 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from punchgate import memory
+from punchgate import memory, netkey
 from punchgate.config import Config
+from punchgate.libp2p_fixes.inbound import raise_backlog
 from punchgate.logs import get_logger
-from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
+from punchgate.runtime.access_control import AccessControl
+from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.connect import ConnectEntry
+from punchgate.runtime.control import ControlServer, ControlSocketInUse
 from punchgate.runtime.discovery import Discovery, peer_key, service_key
 from punchgate.runtime.handshake import read_message
 from punchgate.runtime.holepunch import HolePuncher
@@ -50,31 +54,38 @@ from punchgate.runtime.host import (
     connection_transport,
     dial_direct,
     known_addrs,
+    listen_addrs_for,
     live_connection,
+    own_record_addrs,
     relay_of,
 )
 from punchgate.runtime.mdns import MdnsDiscovery
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.runtime.pinger import Pinger
+from punchgate.runtime.portmap import LEASE, PortMapper, PortMappingError, mappable_ports
+from punchgate.runtime.proxy import ProxyServer
 from punchgate.runtime.reachability import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
 from punchgate.runtime.reachability import PROTOCOL_V1 as DIALBACK_PROTOCOL_V1
 from punchgate.runtime.reachability import DialbackServer, check
 from punchgate.runtime.relay import Relays
 from punchgate.runtime.sessions import SessionRegistry
+from punchgate.runtime.snapshot import node_status
 from punchgate.runtime.tunnel_client import Opened, SessionTable, TunnelClient
 from punchgate.runtime.tunnel_service import TunnelService
-from punchgate.specs import transport_of, without_peer_id
+from punchgate.runtime.udp import UdpTunnelClient
 from punchgate.state import KnownPeer, NodeState, Phase, next_wakeup, transition
 from punchgate.state import commands as cmd
 from punchgate.state import events as ev
 from punchgate.state.model import NatStatus
-from punchgate.wire import PROTOCOL_ID, encode_request, parse_response
+from punchgate.userdirs import default_control_socket
+from punchgate.wire import PROTOCOL_ID, TunnelResponse, encode_request, parse_response
 
 log = get_logger("punchgate.node")
 
 PEERSTORE_TTL = 365 * 24 * 3600  # addresses given by the user do not expire
 LEARNT_TTL = 600  # addresses learnt from records and identify are hints
 CLOSE_TIMEOUT = 3.0  # closing our connections at shutdown
+UNMAP_TIMEOUT = 3.0  # removing our port mapping from the router (at shutdown too)
 MEMORY_INTERVAL = 2.0  # the memory of peers is written at most this often
 
 
@@ -82,7 +93,17 @@ class Node:
     def __init__(self, config: Config, key_pair: KeyPair) -> None:
         self.config = config
         self.address_book = AddressBook()
-        self.host: IHost = build_host(key_pair, config.listen, self.address_book)
+        # Access control (README "Access control"); each raises a one-line error if unusable.
+        self.network_key = netkey.load(config.network_key) if config.network_key else None
+        self.listen, self.dropped_listen = listen_addrs_for(config.listen, self.network_key is not None)
+        if not self.listen:
+            raise netkey.NetworkKeyError(
+                "with --network-key the node listens on TCP only (QUIC cannot carry the protector): add a TCP --listen"
+            )
+        self.access = AccessControl(config.allow, config.allow_file, [s.name for s in config.expose])
+        self.host: IHost = build_host(
+            key_pair, self.listen, self.address_book, network_key=self.network_key, limits=config.limits
+        )
         self.peer_id = self.host.get_id()
         self.registry = SessionRegistry()
         self.sessions = SessionTable()
@@ -102,6 +123,8 @@ class Node:
             republish_interval=config.republish_interval,
             connect_timeout=config.connect_timeout,
             known=tuple(KnownPeer(k.peer_id, k.addrs, k.services, k.bootstrap) for k in self.memory.peers.values()),
+            # A node for this machine only (loopback) has nothing a router could forward to.
+            port_mapping=config.port_mapping and bool(mappable_ports(config.listen)),
         )
         self._memory_dirty = trio.Event()
         self._events_in, self._events_out = trio.open_memory_channel[ev.Event](math.inf)
@@ -110,19 +133,43 @@ class Node:
         self._opened: dict[int, Opened] = {}  # accepted tunnel streams not yet handed over
         self._stopped = False
         self._listener_scope = trio.CancelScope()  # cancelled to stop accepting tunnel clients
-        self.service = TunnelService({s.name: s.target for s in config.expose}, self.registry)
+        self.service = TunnelService(
+            {s.name: s.target for s in config.expose},
+            self.registry,
+            self.access.policy,
+            config.limits,
+            transports={s.name: s.transport for s in config.expose},
+            udp_idle=config.udp_idle,
+        )
+        self.access.subscribers.append(self.service.set_policy)
         self.discovery = Discovery(self.host)
-        self.relays = Relays(self.host)
+        self.relays = Relays(self.host, config.limits)
         self.puncher = HolePuncher(self.host)
         self.dialback = DialbackServer(self.host)
-        self.clients = [
-            TunnelClient(t.service, t.bind, t.peer_id, self.sessions, self.registry, self.post) for t in config.tunnels
-        ] + [
-            TunnelClient(t.service, t.bind, None, self.sessions, self.registry, self.post)
-            for t in config.tunnels_by_name
+        self.port_mapper = PortMapper(seed=str(self.peer_id))
+        self.clients: list[TunnelClient | UdpTunnelClient | ProxyServer] = [
+            UdpTunnelClient(service, bind, peer, self.sessions, self.registry, self.post, config.udp_idle)
+            if transport == "udp"
+            else TunnelClient(service, bind, peer, self.sessions, self.registry, self.post)
+            for service, bind, peer, transport in [
+                *((t.service, t.bind, t.peer_id, t.transport) for t in config.tunnels),
+                *((t.service, t.bind, None, t.transport) for t in config.tunnels_by_name),
+            ]
         ]
+        if config.proxy is not None:
+            self.clients.append(ProxyServer(config.proxy, self.sessions, self.registry, self.post))
+        self.connects = ConnectEntry(self.sessions, self.registry, self.post)  # `punchgate connect`
         self.started_at = time.time()
         self.ready = trio.Event()  # set when the phase first becomes READY (used by tests)
+        self.pinger = Pinger(self.host)
+        self.relay_expires: dict[str, float] = {}  # relay -> when our reservation ends (Unix time)
+        self.control = (
+            ControlServer(config.control_socket, self.status, self.connects.handle) if config.control_socket else None
+        )
+
+    def status(self) -> dict:
+        """The node's live status as a plain dict (fields: docs/ARCHITECTURE.md, "Control socket")."""
+        return node_status(self)
 
     def post(self, event: ev.Event) -> None:
         """Hand an event to the loop; callable from any task of this trio run."""
@@ -132,27 +179,33 @@ class Node:
             pass  # the loop has ended; nothing listens any more
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-        check_ports_free(self.config.listen)
+        check_ports_free(self.listen)
         for client in self.clients:
             await client.open_listeners()
+        self._bind_control_socket()
         peerstore = self.host.get_peerstore()
         for peer_id, addrs in self.bootstrap_addrs.items():
             peerstore.add_addrs(ID.from_base58(peer_id), addrs, PEERSTORE_TTL)
         try:
-            async with self.host.run(listen_addrs=list(self.config.listen)), trio.open_nursery() as nursery:
+            async with self.host.run(listen_addrs=list(self.listen)), trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.service.handle_stream)
                 self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), self.dialback.handle_stream)
                 self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_V1), self.dialback.handle_stream_v1)
                 self.host.get_network().register_notifee(_ConnectionEvents(self.post))
+                raise_backlog(self.host)  # bursts of connections reach our admission, not a full queue
                 await nursery.start(self.discovery.run)
                 await nursery.start(self.relays.run)
                 await nursery.start(self.puncher.run)
                 if self.config.mdns:
                     nursery.start_soon(MdnsDiscovery(self.host, self._on_mdns_peer).run)
                 await nursery.start(self._watch_signals)  # before anyone can see us ready
-                nursery.start_soon(Pinger(self.host).run)
+                self._log_access()
+                await nursery.start(self.access.run)  # the allow file's watcher
+                nursery.start_soon(self.pinger.run)
                 nursery.start_soon(self._keep_memory)
+                if self.control is not None:
+                    await nursery.start(self.control.serve)
                 me = multiaddr.Multiaddr(f"/p2p/{self.peer_id}")
                 addresses = tuple(str(a.encapsulate(me)) for a in self.host.get_transport_addrs())
                 for address in addresses:
@@ -169,6 +222,8 @@ class Node:
             for client in self.clients:
                 for listener in client.listeners:
                     await listener.aclose()
+            if self.control is not None:
+                self.control.remove()
         log.info("stopped", peer_id=str(self.peer_id))
 
     async def _keep_memory(self) -> None:
@@ -190,6 +245,18 @@ class Node:
             await trio.to_thread.run_sync(memory.save, self.memory_path, self.memory)
         except OSError as exc:
             log.warning("peer memory not saved", path=str(self.memory_path), reason=exc.strerror or str(exc))
+    def _log_access(self) -> None:
+        """Say how the node is guarded: private network, allowlist warnings, limits."""
+        if self.network_key is not None:
+            log.info(
+                "private network",
+                fingerprint=netkey.fingerprint(self.network_key),
+                transports=["tcp"],
+                quic="off: QUIC connections cannot carry the private-network protector",
+                dropped_listen=[str(a) for a in self.dropped_listen],
+            )
+        self.access.log_summary()
+        log.info("limits", **self.config.limits.describe())
 
     async def _close_connections(self) -> None:
         """Close every connection before the host stops, even when we are being cancelled.
@@ -258,16 +325,23 @@ class Node:
                 self._spawn(attempt, self._dial_bootstrap, peer_id, attempt)
             case cmd.JoinDht(peer_id=peer_id):
                 self._nursery.start_soon(self._join_dht, peer_id)
-            case cmd.CheckReachability(peer_id=peer_id, attempt=attempt):
-                self._spawn(attempt, self._check_reachability, peer_id, attempt)
+            case cmd.CheckReachability(peer_id=peer_id, attempt=attempt, ports=ports):
+                self._spawn(attempt, self._check_reachability, peer_id, attempt, ports)
             case cmd.SetDhtMode(server=server):
                 self._nursery.start_soon(self.discovery.set_mode, server)
             case cmd.ReserveRelay(relay_peer_id=relay, attempt=attempt):
                 self._spawn(attempt, self._reserve, relay, attempt)
-            case cmd.Advertise(direct=direct, relay=relay):
+            case cmd.Advertise(direct=direct, relay=relay, mapped=mapped):
                 self.address_book.direct = direct
                 self.address_book.relay_addrs = self.relays.circuit_addrs(ID.from_base58(relay)) if relay else []
+                self.address_book.mapped_addrs = [multiaddr.Multiaddr(a) for a in mapped]
                 log.info("advertising", addresses=[str(a) for a in self.host.get_addrs()])
+                # Tell connected peers at once (identify push), as the spec says a peer should.
+                self._nursery.start_soon(self.host._push_identify_to_all_peers)  # type: ignore[attr-defined]
+            case cmd.MapPorts(attempt=attempt):
+                self._spawn(attempt, self._map_ports, attempt)
+            case cmd.UnmapPorts():
+                self._nursery.start_soon(self._unmap_ports)
             case cmd.PublishServices(names=names, attempt=attempt):
                 self._spawn(attempt, self._publish, names, attempt)
             case cmd.StartTunnelListeners():
@@ -315,12 +389,8 @@ class Node:
             case cmd.Remember(peer_id=peer_id, service=service, addrs=addrs, bootstrap=bootstrap):
                 if bootstrap and not addrs:
                     addrs = tuple(str(a) for a in self.bootstrap_addrs.get(peer_id, ()))
-                else:  # what else we know of the peer: identify's listen addresses, the addresses we dialled
-                    known = known_addrs(self.host, ID.from_base58(peer_id))
-                    dialable = [
-                        str(without_peer_id(a)) for a in known if transport_of(a) is not None and not is_unhelpful_addr(a)
-                    ]
-                    addrs = (*dialable, *addrs)
+                else:  # and what the peer itself last said (its signed record: identify, DHT answers)
+                    addrs = (*addrs, *own_record_addrs(self.host, ID.from_base58(peer_id)))
                 self.memory = self.memory.remember(peer_id, addrs, service, bootstrap, time.time())
                 self._memory_dirty.set()
             case cmd.Note(event=event, fields=fields, level=level):
@@ -368,19 +438,20 @@ class Node:
         log.info("dht joined", peer=peer_id, routing_table_size=size)
         self.post(ev.DhtJoined(peer_id))
 
-    async def _check_reachability(self, peer_id: str, attempt: int) -> None:
+    async def _check_reachability(self, peer_id: str, attempt: int, ports: tuple[int, ...] = ()) -> None:
         started = trio.current_time()
         try:
             verdict = await check(
                 self.host,
                 ID.from_base58(peer_id),
                 lambda keeps: self.post(ev.PortMappingObserved(peer_id, attempt, keeps)),
+                list(ports) or None,
             )
             status, method, details, keeps = verdict.status, verdict.method, verdict.details, verdict.port_preserving
         except Exception as exc:  # the helper vanished or answered nonsense
             status, method, details, keeps = NatStatus.UNKNOWN, "error", {"error": f"{type(exc).__name__}: {exc}"}, None
         log.info(
-            "reachability",
+            "port mapping checked" if ports else "reachability",  # the mapped ports, or our own
             status=status.value,
             method=method,
             checked_by=peer_id,
@@ -391,6 +462,43 @@ class Node:
             duration_ms=round((trio.current_time() - started) * 1000, 1),
         )
         self.post(ev.ReachabilityChecked(peer_id, attempt, status, method, keeps, details.get("error")))
+
+    async def _map_ports(self, attempt: int) -> None:
+        started = trio.current_time()
+        renewal = self.port_mapper.mapping is not None
+        ports = mappable_ports(self.host.get_transport_addrs())
+        try:
+            mapping = await self.port_mapper.map(ports, LEASE)
+        except PortMappingError as exc:  # the machine says so (once) and decides when to ask again
+            log.debug("port mapping failed", reason=str(exc), duration_ms=round((trio.current_time() - started) * 1000, 1))
+            self.post(ev.PortMappingFailed(attempt, str(exc)))
+            return
+        external = tuple(mapping.ports[port] for port in ports)
+        log.info(
+            "port mapping renewed" if renewal else "port mapped",
+            method=mapping.method,
+            gateway=mapping.gateway,
+            addresses=[f"/ip4/{mapping.external_ip}/tcp/{port}" for port in external],
+            listen_ports=ports,
+            lease_s=mapping.lease,
+            duration_ms=round((trio.current_time() - started) * 1000, 1),
+        )
+        self.post(ev.PortsMapped(attempt, mapping.method, mapping.external_ip, external, float(mapping.lease)))
+
+    async def _unmap_ports(self) -> None:
+        """Remove our mapping from the router; shielded, so that it ends (within UNMAP_TIMEOUT)
+        even when the node is stopping: a forwarding left behind would outlive us."""
+        with trio.CancelScope(shield=True), trio.move_on_after(UNMAP_TIMEOUT) as bounded:
+            try:
+                removed = await self.port_mapper.unmap()
+            except Exception as exc:  # the router went away meanwhile: its lease ends it
+                log.warning("port mapping not removed", reason=f"{type(exc).__name__}: {exc}")
+                return
+        if bounded.cancelled_caught:
+            log.warning("port mapping not removed", reason=f"no answer within {UNMAP_TIMEOUT:g} s")
+        elif removed is not None:
+            log.info("port mapping removed", method=removed.method,
+                     addresses=[f"/ip4/{removed.external_ip}/tcp/{p}" for p in removed.ports.values()])
 
     async def _reserve(self, relay: str, attempt: int) -> None:
         started = trio.current_time()
@@ -410,6 +518,7 @@ class Node:
             addresses=[str(a) for a in self.relays.circuit_addrs(ID.from_base58(relay))],
             duration_ms=round((trio.current_time() - started) * 1000, 1),
         )
+        self.relay_expires[relay] = time.time() + expires_in
         self.post(ev.RelayReserved(relay, attempt, expires_in, limit))
 
     async def _publish(self, names: tuple[str, ...], attempt: int) -> None:
@@ -498,11 +607,16 @@ class Node:
             self.post(ev.StreamFailed(session, attempt, "the connection closed"))
             return
         stream: INetStream | None = None
+        waiting = self.sessions.get(session)
+        carries = waiting.transport if waiting is not None else "tcp"  # what the tunnel carries: TCP or UDP
         try:
             # The request rides with the protocol negotiation: one round trip.
-            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service))
+            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service, carries))
             message, rest = await read_message(stream, already_read=early)
             response = parse_response(message)
+            if response.accepted and carries == "udp" and response.transport != "udp":
+                # A provider that predates UDP ignores the field and would take datagrams as TCP bytes.
+                response = TunnelResponse(False, f"the provider does not serve UDP (older punchgate): {command.service!r}")
         except Exception as exc:  # negotiation, stream and wire errors alike
             if stream is not None:
                 await _reset(stream)
@@ -537,6 +651,20 @@ class Node:
                 name = signal.Signals(signum).name
                 log.info("shutdown requested", signal=name)
                 self.post(ev.ShutdownRequested(name))
+
+    def _bind_control_socket(self) -> None:
+        """Create the control socket before the host starts (a bad explicit path: exit 1). The
+        default path held by another live node (a second node of the same user) is not an
+        error: this node then runs without one and says so."""
+        if self.control is None:
+            return
+        try:
+            self.control.bind()
+        except ControlSocketInUse as exc:
+            if self.control.path != default_control_socket({}):
+                raise
+            log.info("no control socket", reason=str(exc.strerror), fix="start it with --control-socket PATH")
+            self.control = None
 
     def request_shutdown(self, reason: str = "requested") -> None:
         self.post(ev.ShutdownRequested(reason))

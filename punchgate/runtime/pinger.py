@@ -19,6 +19,7 @@ class Pinger:
         self.host = host
         self.interval = interval
         self.service = PingService(host)
+        self.rtt_ms: dict[str, float] = {}  # last successful round trip per peer (for status)
 
     async def run(self) -> None:
         while True:
@@ -35,5 +36,7 @@ class Pinger:
                     pass
         except Exception as exc:  # timeouts, resets, closed connections
             log.info("ping", peer=str(peer_id), ok=False, reason=type(exc).__name__)
+            self.rtt_ms.pop(str(peer_id), None)
             return
-        log.info("ping", peer=str(peer_id), ok=True, rtt_ms=round((trio.current_time() - started) * 1000, 2))
+        self.rtt_ms[str(peer_id)] = rtt = round((trio.current_time() - started) * 1000, 2)
+        log.info("ping", peer=str(peer_id), ok=True, rtt_ms=rtt)

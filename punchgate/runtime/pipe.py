@@ -39,11 +39,19 @@ class PipeResult:
 
 
 async def pipe(
-    local: trio.SocketStream, remote: INetStream, result: PipeResult, pending_to_local: bytes = b""
+    local: trio.SocketStream,
+    remote: INetStream,
+    result: PipeResult,
+    pending_to_local: bytes = b"",
+    pending_to_remote: bytes = b"",
 ) -> None:
-    """Copy both ways until both directions end, counting into ``result``; always closes both ends."""
+    """Copy both ways until both directions end, counting into ``result``; always closes both ends.
+    ``pending_to_*``: bytes already read from the other end, delivered first."""
 
     async def local_to_remote() -> None:
+        if pending_to_remote:
+            await remote.write(pending_to_remote)
+            result.to_remote += len(pending_to_remote)
         while True:
             data = await local.receive_some(CHUNK)
             if not data:

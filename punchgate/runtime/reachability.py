@@ -82,7 +82,7 @@ class DialbackServer:
 
     def __init__(self, host: IHost) -> None:
         self.host = host
-        self._last_answered: dict[tuple[ID, int], float] = {}
+        self._last_answered: dict[tuple[ID, int, tuple[int, ...], tuple[int, ...]], float] = {}
         self.autonat = FreshDialAutoNAT(host, serve=True)  # type: ignore[arg-type]
 
     async def handle_stream(self, stream: INetStream) -> None:
@@ -107,9 +107,12 @@ class DialbackServer:
         peer = stream.muxed_conn.peer_id
         if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
             return {"error": "dial-back is not offered over relayed connections"}
-        # Once per connection and MIN_INTERVAL (a node that restarted asks again on its
-        # new connection at once; asking more often needs a new Noise handshake each time).
-        key = (peer, id(stream.muxed_conn))
+        message, _ = await read_message(stream, REQUEST_TIMEOUT)
+        ports, quic_ports = _port_list(message.get("ports")), _port_list(message.get("quic_ports", []))
+        # Once per connection, question and MIN_INTERVAL (a node that restarted asks again on
+        # its new connection at once; its own ports and its router's mapped ones are two
+        # questions, asked at the same moment; asking more often needs a new Noise handshake).
+        key = (peer, id(stream.muxed_conn), tuple(sorted(ports[:MAX_PORTS])), tuple(sorted(quic_ports[:MAX_PORTS])))
         now = trio.current_time()
         if now - self._last_answered.get(key, -MIN_INTERVAL) < MIN_INTERVAL:
             return {"error": "asked too often"}
@@ -117,8 +120,6 @@ class DialbackServer:
         if len(self._last_answered) > 4096:  # forget the oldest requesters
             for old in sorted(self._last_answered, key=self._last_answered.__getitem__)[:2048]:
                 del self._last_answered[old]
-        message, _ = await read_message(stream, REQUEST_TIMEOUT)
-        ports, quic_ports = _port_list(message.get("ports")), _port_list(message.get("quic_ports", []))
         remote = stream.get_remote_address()
         if remote is None:
             return {"error": "cannot see your address"}
@@ -151,19 +152,25 @@ class DialbackServer:
         return True
 
 
-async def check(host: IHost, server: ID, on_mapping: Callable[[bool], None] = lambda keeps: None) -> Verdict:
-    """Ask ``server`` whether we are reachable, with the first protocol it speaks.
+async def check(
+    host: IHost, server: ID, on_mapping: Callable[[bool], None] = lambda keeps: None, ports: list[int] | None = None
+) -> Verdict:
+    """Ask ``server`` whether we are reachable, with the first protocol it speaks: on our
+    listen ports, or on ``ports`` (the external ports our router maps to us).
 
     ``on_mapping(port_preserving)`` is called as soon as that is known (before the verdict)."""
     conn = _direct_connection(host, server)
     if conn is None:
         return Verdict(NatStatus.UNKNOWN, "dialback", details={"error": "not connected directly"})
-    ports, quic_ports = _listen_ports(host, "tcp"), _listen_ports(host, "quic")
+    if ports is None:
+        ports, quic_ports = _listen_ports(host, "tcp"), _listen_ports(host, "quic")
+        keeps = await _mapping_from_identify(host, conn)
+        if keeps is not None:
+            on_mapping(keeps)
+    else:
+        quic_ports = []  # the external TCP ports our router maps to us: a question of their own
     if not ports and not quic_ports:
         return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP or QUIC listen address"})
-    keeps = await _mapping_from_identify(host, conn)
-    if keeps is not None:
-        on_mapping(keeps)
     for protocol in (PROTOCOL_ID, PROTOCOL_V1):
         try:
             return await _dialback(conn, ports, quic_ports, protocol, on_mapping)

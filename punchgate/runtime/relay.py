@@ -30,18 +30,25 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from punchgate.libp2p_fixes.relay_hop import RelayHop
+from punchgate.limits import Limits
 from punchgate.runtime.addresses import is_unhelpful_addr, is_unspecified_addr
 from punchgate.runtime.host import dial_direct, known_addrs
 from punchgate.specs import transport_of, without_peer_id
 from punchgate.state.model import Limit
 
-RELAY_LIMITS = RelayLimits(
-    duration=2 * 3600,  # seconds one relayed connection (circuit) may last
-    data=8 << 30,  # bytes one circuit may carry, both directions together
-    max_circuit_conns=128,  # circuits to one reserved peer at once
-    max_reservations=128,  # peers holding a slot at once
-    reservation_ttl=3600,
-)
+
+def relay_limits(limits: Limits) -> RelayLimits:
+    """The library's relay limits from ours (defaults: README, "Access control")."""
+    return RelayLimits(
+        duration=limits.relay_circuit_seconds,  # seconds one relayed connection (circuit) may last
+        data=limits.relay_circuit_bytes,  # bytes one circuit may carry, both directions together
+        max_circuit_conns=limits.relay_circuits_per_peer,  # circuits to one reserved peer at once
+        max_reservations=limits.relay_reservations,  # peers holding a slot at once
+        reservation_ttl=3600,
+    )
+
+
+RELAY_LIMITS = relay_limits(Limits())
 EXCHANGE_TIMEOUT = 10.0
 
 STATUS_NAMES = {value: name for name, value in Status.items()}
@@ -52,9 +59,12 @@ class RelayRefused(Exception):
 
 
 class Relays:
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, limits: Limits | None = None) -> None:
         self.host = host
-        self.protocol = RelayHop(host, limits=RELAY_LIMITS, allow_hop=True)
+        limits = limits or Limits()
+        self.protocol = RelayHop(
+            host, limits=relay_limits(limits), allow_hop=True, max_reservations_per_ip=limits.relay_reservations_per_ip
+        )
         # Accepts circuits to us (the STOP side); our own dials do not go through it.
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
 

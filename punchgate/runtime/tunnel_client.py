@@ -6,18 +6,25 @@ for the service (through the node's executor), and finally either hands the sess
 accepted stream (:meth:`Session.deliver`) or tells it to close with a reason
 (:meth:`Session.refuse`). The session then pipes bytes both ways, or closes the local
 connection at once; either way the machine hears ``SessionEnded``.
+
+:func:`local_session` is that announcement for any entry: a TCP listener here, a UDP
+source (``runtime/udp.py``), a proxy request (``runtime/proxy.py``) or ``punchgate
+connect`` on the control socket. The machine does not know which: the session's
+``transport`` only chooses the request the executor sends.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
 from libp2p.abc import INetStream
 
 from punchgate.logs import get_logger
+from punchgate.runtime.counters import SessionStats
 from punchgate.runtime.pipe import PipeResult, pipe
 from punchgate.runtime.sessions import RegistryClosed, SessionRegistry
 from punchgate.specs import HostPort
@@ -45,8 +52,9 @@ class Session:
     id: int
     service: str
     fixed_peer: str | None
-    bind: HostPort
+    bind: HostPort | str  # where the local side came from (a listener, the proxy, the control socket)
     started: float
+    transport: str = "tcp"  # "udp": the stream carries framed datagrams (asked for in the request)
     decided: trio.Event = field(default_factory=trio.Event)
     opened: Opened | None = None
     closing: tuple[str, str] | None = None  # (log event, reason)
@@ -87,6 +95,31 @@ class SessionTable:
         return list(self._sessions.values())
 
 
+@contextmanager
+def local_session(
+    table: SessionTable,
+    registry: SessionRegistry,
+    post: Callable[[ev.Event], None],
+    service: str,
+    fixed_peer: str | None,
+    bind: HostPort | str,
+    transport: str = "tcp",
+) -> Iterator[Session]:
+    """A session known to the machine while the block runs: ``SessionStarted`` on entry,
+    ``SessionEnded`` on exit. Inside, await ``session.decided``, then use ``session.opened``
+    or ``session.closing``. Raises :class:`RegistryClosed` when the node is shutting down;
+    shutdown cancels the block."""
+    with registry.session():
+        session = Session(next(_session_ids), service, fixed_peer, bind, trio.current_time(), transport)
+        table.add(session)
+        post(ev.SessionStarted(session.id, service, fixed_peer))
+        try:
+            yield session
+        finally:
+            table.remove(session)
+            post(ev.SessionEnded(session.id))
+
+
 class TunnelClient:
     def __init__(
         self,
@@ -104,6 +137,7 @@ class TunnelClient:
         self.registry = registry
         self.post = post
         self.listeners: list[trio.SocketListener] = []
+        self.stats = SessionStats()  # for `punchgate status`
 
     async def open_listeners(self) -> None:
         """Bind the local port now, so that a taken port fails the start, not a later connection."""
@@ -114,21 +148,14 @@ class TunnelClient:
         await trio.serve_listeners(self._handle, self.listeners, handler_nursery=handler_nursery)
 
     async def _handle(self, local: trio.SocketStream) -> None:
-        session = Session(next(_session_ids), self.service, self.fixed_peer, self.bind, trio.current_time())
         try:
-            with self.registry.session():
-                self.table.add(session)
-                self.post(ev.SessionStarted(session.id, self.service, self.fixed_peer))
-                try:
-                    await session.decided.wait()
-                    if session.opened is not None:
-                        await self._pipe(local, session, session.opened)
-                    elif session.closing is not None:
-                        event, reason = session.closing
-                        log.warning(event, **self._fields(), reason=reason)
-                finally:
-                    self.table.remove(session)
-                    self.post(ev.SessionEnded(session.id))
+            with local_session(self.table, self.registry, self.post, self.service, self.fixed_peer, self.bind) as session:
+                await session.decided.wait()
+                if session.opened is not None:
+                    await self._pipe(local, session, session.opened)
+                elif session.closing is not None:
+                    event, reason = session.closing
+                    log.warning(event, **self._fields(), reason=reason)
         except RegistryClosed:
             pass
         finally:
@@ -142,21 +169,35 @@ class TunnelClient:
         return fields
 
     async def _pipe(self, local: trio.SocketStream, session: Session, opened: Opened) -> None:
-        fields = {**self._fields(), "peer": opened.peer, "path": opened.path, "transport": opened.transport}
-        if opened.relay is not None:
-            fields["relay"] = opened.relay
-        setup_ms = round((trio.current_time() - session.started) * 1000, 2)
-        log.info("client tunnel opened", **fields, setup_ms=setup_ms)
-        result = session.result = PipeResult()
-        try:
-            await pipe(local, opened.stream, result, pending_to_local=opened.early)
-        finally:
-            log.info(
-                "client tunnel closed",
-                **fields,
-                bytes_to_remote=result.to_remote,
-                bytes_from_remote=result.from_remote,
-                duration_s=round(trio.current_time() - session.started, 3),
-                error=result.error,
-                interrupted=result.interrupted,
-            )
+        await pipe_session(local, session, opened, self.stats, self._fields())
+
+
+async def pipe_session(
+    local: trio.SocketStream,
+    session: Session,
+    opened: Opened,
+    stats: SessionStats,
+    fields: dict,
+    pending_to_remote: bytes = b"",
+) -> None:
+    """Pipe a session's local connection and its accepted stream, with the log events and
+    the counters every TCP entry shares (``client tunnel opened`` / ``closed``)."""
+    fields = {**fields, "peer": opened.peer, "path": opened.path, "transport": opened.transport}
+    if opened.relay is not None:
+        fields["relay"] = opened.relay
+    setup_ms = round((trio.current_time() - session.started) * 1000, 2)
+    log.info("client tunnel opened", **fields, setup_ms=setup_ms)
+    result = session.result = PipeResult()
+    try:
+        with stats.track(result, peer=opened.peer, path=opened.path):
+            await pipe(local, opened.stream, result, pending_to_local=opened.early, pending_to_remote=pending_to_remote)
+    finally:
+        log.info(
+            "client tunnel closed",
+            **fields,
+            bytes_to_remote=result.to_remote,
+            bytes_from_remote=result.from_remote,
+            duration_s=round(trio.current_time() - session.started, 3),
+            error=result.error,
+            interrupted=result.interrupted,
+        )

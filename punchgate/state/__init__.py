@@ -18,6 +18,11 @@ The state (:class:`NodeState`) is a product of dimensions:
 * **NAT** - UNKNOWN / PUBLIC / PRIVATE, how it was learnt (our dial-back, or AutoNAT),
   and whether our NAT keeps ports. Connected bootstrap peers are asked in turn; one that
   cannot check (it speaks neither protocol) is not asked again.
+* **port mapping** - with bootstrap peers, our router is asked to forward a public port
+  (IDLE / MAPPING / MAPPED / FAILED), renewed half-way through its lease, removed at
+  shutdown; the mapped address is advertised only once a dial-back got through it (a
+  router that grants and forwards nothing is found out that way). Reachable = PUBLIC or
+  a confirmed mapping: that is what drops the relay slot and makes us a DHT server.
 * **relay slot** - a node that is private, or that joined through bootstrap peers and
   does not know yet, holds a reservation on one of them (IDLE / RESERVING / RESERVED),
   renews it before it expires, and reserves again when it is lost.
@@ -46,9 +51,11 @@ from punchgate.state.model import (
     KnownPeer,
     Limit,
     Link,
+    MapStatus,
     NatStatus,
     NodeState,
     Phase,
+    PortMap,
     RelaySlot,
     RelayStatus,
     Session,
@@ -60,9 +67,11 @@ __all__ = [
     "KnownPeer",
     "Limit",
     "Link",
+    "MapStatus",
     "NatStatus",
     "NodeState",
     "Phase",
+    "PortMap",
     "RelaySlot",
     "RelayStatus",
     "Session",

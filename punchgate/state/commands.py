@@ -30,10 +30,12 @@ class JoinDht:
 
 @dataclass(frozen=True)
 class CheckReachability:
-    """Ask ``peer_id`` whether it can reach us (``ReachabilityChecked``)."""
+    """Ask ``peer_id`` whether it can reach us (``ReachabilityChecked``): at the address it
+    sees us at, on ``ports`` (our router's mapped ports), or on our listen ports if none."""
 
     peer_id: str
     attempt: int
+    ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,26 @@ class Advertise:
     """Which of our addresses to tell others (identify, DHT records).
 
     ``direct``: our own transport addresses (we are reachable, or nobody can know);
-    ``relay``: the circuit addresses through this relay (we hold a slot there)."""
+    ``relay``: the circuit addresses through this relay (we hold a slot there);
+    ``mapped``: the addresses our router forwards to us (a dial-back got through them)."""
 
     direct: bool
     relay: str | None
+    mapped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MapPorts:
+    """Ask our router (NAT-PMP, then UPnP IGD) to forward a public port to each TCP listen
+    port, or to extend the lease (``PortsMapped`` or ``PortMappingFailed``)."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class UnmapPorts:
+    """Remove the mappings our router holds for us (shutdown, or a mapping that does not
+    work); bounded in time, nothing is reported."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +237,8 @@ Command = (
     | SetDhtMode
     | ReserveRelay
     | Advertise
+    | MapPorts
+    | UnmapPorts
     | PublishServices
     | StartTunnelListeners
     | StopTunnelListeners

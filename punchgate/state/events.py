@@ -95,6 +95,26 @@ class PortMappingObserved:
 
 
 @dataclass(frozen=True)
+class PortsMapped:
+    """A gateway forwards ``external_ip`` at ``ports`` (one per TCP listen port) to us, for
+    ``lease_s`` seconds (0: until removed); ``method`` is "natpmp" or "upnp"."""
+
+    attempt: int
+    method: str
+    external_ip: str
+    ports: tuple[int, ...]
+    lease_s: float
+
+
+@dataclass(frozen=True)
+class PortMappingFailed:
+    """No gateway answered, or it refused; ``reason`` says which, for the log."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class RelayReserved:
     relay_peer_id: str
     attempt: int
@@ -237,6 +257,8 @@ Event = (
     | ConnectionClosed
     | ReachabilityChecked
     | PortMappingObserved
+    | PortsMapped
+    | PortMappingFailed
     | RelayReserved
     | RelayReservationFailed
     | PublishDone

@@ -37,6 +37,7 @@ from punchgate.state.commands import (
     JoinDht,
     LookupPeer,
     LookupService,
+    MapPorts,
     Note,
     OpenStream,
     PublishServices,
@@ -47,14 +48,17 @@ from punchgate.state.commands import (
     StartTunnelListeners,
     StopHost,
     StopTunnelListeners,
+    UnmapPorts,
 )
 from punchgate.state.model import (
     Dial,
     Link,
+    MapStatus,
     Name,
     NatStatus,
     NodeState,
     Phase,
+    PortMap,
     Publication,
     Punch,
     PunchStatus,
@@ -87,13 +91,17 @@ PEER_LOOKUP_TIMEOUT = 10.0
 PEER_LOOKUP_INTERVAL = 2.0  # at most one fresh look-up of a peer per this
 DIRECT_DIAL_TIMEOUT = 5.0
 RELAYED_DIAL_TIMEOUT = 10.0
-LINK_BACKOFF = (0.25, 4.0)  # after every known path to a peer failed
+LINK_BACKOFF = (0.25, 1.0)  # after every known path to a peer failed (cheap: a relay answers at once)
 PUNCH_TIMEOUT = 20.0
 PUNCH_RETRY_AFTER = 300.0
 PUNCH_WAIT = 3.0  # a session on an unlimited relay waits this long for a punch in progress
 STREAM_TIMEOUT = 15.0  # opening a tunnel stream and reading the answer (the provider takes up to 10 s to reach its service)
 SESSION_BACKOFF = (0.5, 4.0)  # between rounds over all candidates of a session
 MAX_ERRORS = 4  # errors kept per session for the final log line
+MAP_TIMEOUT = 12.0  # asking the router: NAT-PMP (~2 s when nothing answers), then UPnP discovery and requests
+MAP_BACKOFF = (30.0, 600.0)  # after no gateway answered or it refused (a laptop moves to another network)
+MAP_UNUSABLE_RETRY = 1800.0  # a mapping no dial-back got through (a lying router): not asked again for this long
+MAP_PERMANENT_REFRESH = 1800.0  # a permanent mapping is asked for again this often (the router may have rebooted)
 
 Result = tuple[NodeState, list[Command]]
 
@@ -131,6 +139,12 @@ def next_wakeup(state: NodeState, now: float) -> float | None:
         times += [state.nat.deadline, state.nat.check_at]
         relay = state.relay
         times += [relay.deadline, relay.retry_at if relay.status is RelayStatus.IDLE else None, relay.renew_at]
+        pm = state.portmap
+        times += [pm.deadline, pm.check_deadline, pm.expires_at]
+        if pm.attempt is None:
+            times.append(pm.renew_at if pm.status is MapStatus.MAPPED else pm.retry_at)
+        if pm.status is MapStatus.MAPPED and pm.check is None:
+            times.append(pm.check_at)
         times += [state.publication.deadline, state.publication.due_at]
         for name in state.names.values():
             times += [name.lookup_deadline, name.next_lookup_at]
@@ -170,11 +184,19 @@ def _handle(state: NodeState, event: ev.Event, now: float) -> Result:
         case ev.ConnectionClosed():
             return _on_connection_closed(state, event, now)
         case ev.ReachabilityChecked():
+            if state.portmap.check is not None and state.portmap.check == event.attempt:
+                return _on_mapping_checked(state, event, now)
             return _on_reachability(state, event, now)
         case ev.PortMappingObserved():
             if state.nat.attempt != event.attempt:
                 return state, []
             return replace(state, nat=replace(state.nat, port_preserving=event.port_preserving)), []
+        case ev.PortsMapped():
+            return _on_ports_mapped(state, event, now)
+        case ev.PortMappingFailed():
+            if state.portmap.attempt != event.attempt:
+                return state, []
+            return _mapping_failed(state, event.reason, now)
         case ev.RelayReserved():
             return _on_relay_reserved(state, event, now)
         case ev.RelayReservationFailed():
@@ -213,7 +235,12 @@ def _handle(state: NodeState, event: ev.Event, now: float) -> Result:
 
 def _advertise(state: NodeState) -> Advertise:
     relay = state.relay.relay_peer_id if state.relay.status is RelayStatus.RESERVED else None
-    return Advertise(direct=not state.bootstrap or state.nat.status is NatStatus.PUBLIC, relay=relay)
+    mapped = state.portmap.external if state.portmap.confirmed else ()
+    # While our router forwards for us, a check of our own port may have got through the
+    # router too (a gateway that ignored the port we asked for): then our interface
+    # addresses (LAN ones) are not what was reached, the mapped address is.
+    direct = not state.bootstrap or (state.nat.status is NatStatus.PUBLIC and not mapped)
+    return Advertise(direct=direct, relay=relay, mapped=mapped)
 
 
 def _on_listeners_ready(state: NodeState, now: float) -> Result:
@@ -332,6 +359,10 @@ def _peer_gone(state: NodeState, peer_id: str, now: float) -> Result:
     if state.nat.checker == peer_id and state.nat.attempt is not None:
         commands.append(Cancel(state.nat.attempt))
         state = replace(state, nat=replace(state.nat, checker=None, attempt=None, deadline=None, check_at=now))
+    pm = state.portmap
+    if pm.checker == peer_id and pm.check is not None:
+        commands.append(Cancel(pm.check))
+        state = replace(state, portmap=replace(pm, checker=None, check=None, check_deadline=None, check_at=now))
     return state, commands
 
 
@@ -357,14 +388,95 @@ def _on_reachability(state: NodeState, event: ev.ReachabilityChecked, now: float
     state = replace(state, nat=nat)
     if not changed:
         return state, []
-    commands: list[Command] = [SetDhtMode(server=event.status is NatStatus.PUBLIC)]
-    if event.status is NatStatus.PUBLIC and state.relay.status is not RelayStatus.IDLE:
+    return _reachability_changed(state)
+
+
+def _reachability_changed(state: NodeState) -> Result:
+    """Whether we can be reached, or at which addresses, changed (a check, or our mapping)."""
+    commands: list[Command] = [SetDhtMode(server=state.reachable)]
+    if state.reachable and state.relay.status is not RelayStatus.IDLE:
         # Reachable: the slot is not needed (nobody needs a circuit to reach us).
         if state.relay.attempt is not None:
             commands.append(Cancel(state.relay.attempt))
         state = replace(state, relay=RelaySlot())
     commands += _addresses_changed(state)
     return replace(state, publication=replace(state.publication, dirty=True)), commands
+
+
+# --- port mapping: what happened ------------------------------------------------------
+
+
+def _on_ports_mapped(state: NodeState, event: ev.PortsMapped, now: float) -> Result:
+    pm = state.portmap
+    if pm.attempt != event.attempt:
+        return state, []
+    external = tuple(f"/ip4/{event.external_ip}/tcp/{port}" for port in event.ports)
+    lease = event.lease_s
+    # Asked again half-way through the lease (RFC 6886 3.7), so one lost answer costs nothing.
+    renew_in = lease / 2 if lease > 0 else MAP_PERMANENT_REFRESH
+    same = pm.status is MapStatus.MAPPED and external == pm.external
+    new = replace(
+        pm, status=MapStatus.MAPPED, attempt=None, deadline=None, method=event.method, external=external,
+        ports=event.ports, renew_at=now + renew_in, expires_at=now + lease if lease > 0 else None, failures=0,
+    )
+    commands: list[Command] = []
+    if not same:
+        # Another address than the one checked (or the first): unknown until a dial-back gets through.
+        if pm.check is not None:
+            commands.append(Cancel(pm.check))
+        new = replace(new, confirmed=False, checker=None, check=None, check_deadline=None, check_at=None)
+    state = replace(state, portmap=new)
+    if pm.confirmed and not same:
+        state, more = _reachability_changed(state)
+        commands += more
+    return state, commands
+
+
+def _mapping_failed(state: NodeState, reason: str, now: float) -> Result:
+    """The mapping (or its renewal) failed: no gateway answered, it refused, or no answer in time."""
+    pm = state.portmap
+    failures = pm.failures + 1
+    commands: list[Command] = [Cancel(pm.check)] if pm.check is not None else []
+    state = replace(state, portmap=PortMap(MapStatus.FAILED, failures=failures,
+                                           retry_at=now + backoff(failures, MAP_BACKOFF)))
+    if pm.status is MapStatus.MAPPED:  # a renewal: the router no longer forwards for us
+        commands.append(Note("port mapping lost", (("addresses", pm.external), ("reason", reason)), "warning"))
+        if pm.confirmed:
+            state, more = _reachability_changed(state)
+            commands += more
+    elif failures == 1:  # said once; retried quietly (a network without a gateway stays so)
+        commands.append(Note("port mapping unavailable", (("reason", reason),)))
+    return state, commands
+
+
+def _on_mapping_checked(state: NodeState, event: ev.ReachabilityChecked, now: float) -> Result:
+    """A dial-back to our mapped address ended."""
+    pm = replace(state.portmap, checker=None, check=None, check_deadline=None)
+    if event.status is NatStatus.UNKNOWN:  # the peer could not tell: later, or another peer at once
+        if event.method == "none":
+            state = replace(state, nat=replace(state.nat, unable=state.nat.unable | {event.checker}))
+        pm = replace(pm, check_at=now if event.method == "none" else now + RECHECK_AFTER_ERROR)
+        return replace(state, portmap=pm), []
+    if event.status is NatStatus.PUBLIC:
+        state = replace(state, portmap=replace(pm, confirmed=True, check_at=now + RECHECK_INTERVAL))
+        return _reachability_changed(state) if not pm.confirmed else (state, [])
+    # Granted, yet nothing gets through: a router that lies. Withdraw it, remove it, and do
+    # not ask again for a long while (it would say yes again).
+    commands: list[Command] = [Cancel(pm.attempt)] if pm.attempt is not None else []
+    commands += [
+        Note("port mapping unusable", (
+            ("addresses", pm.external), ("method", pm.method), ("checked_by", event.checker),
+            ("reason", "the router granted the mapping but a dial-back to it did not get through"),
+            ("retry_in_s", MAP_UNUSABLE_RETRY),
+        ), "warning"),
+        UnmapPorts(),
+    ]
+    state = replace(state, portmap=PortMap(MapStatus.FAILED, failures=pm.failures + 1,
+                                           retry_at=now + MAP_UNUSABLE_RETRY))
+    if pm.confirmed:
+        state, more = _reachability_changed(state)
+        commands += more
+    return state, commands
 
 
 def _on_relay_reserved(state: NodeState, event: ev.RelayReserved, now: float) -> Result:
@@ -413,7 +525,12 @@ def _on_publish_done(state: NodeState, event: ev.PublishDone, now: float) -> Res
 
 def _on_shutdown(state: NodeState, now: float) -> Result:
     commands: list[Command] = [StopTunnelListeners(), CloseTunnelSessions()]
-    state = replace(state, phase=Phase.SHUTTING_DOWN, shutdown=Shutdown(deadline=now + state.settings.shutdown_grace))
+    pm = state.portmap
+    if pm.status in (MapStatus.MAPPING, MapStatus.MAPPED):
+        # Leave no forwarding behind on the router (one being asked for may exist already).
+        commands += [*([Cancel(pm.attempt)] if pm.attempt is not None else []), UnmapPorts()]
+    state = replace(state, phase=Phase.SHUTTING_DOWN, shutdown=Shutdown(deadline=now + state.settings.shutdown_grace),
+                    portmap=replace(pm, attempt=None, deadline=None))
     return state, commands
 
 
@@ -652,7 +769,9 @@ def _store_link(state: NodeState, link: Link) -> NodeState:
 
 def _advance(state: NodeState, now: float) -> Result:
     commands: list[Command] = []
-    for step in (_expire, _advance_bootstrap, _advance_nat, _advance_relay, _advance_publication, _advance_sessions):
+    steps = (_expire, _advance_bootstrap, _advance_nat, _advance_portmap, _advance_relay, _advance_publication,
+             _advance_sessions)
+    for step in steps:
         state, more = step(state, now)
         commands += more
     return state, commands
@@ -674,6 +793,22 @@ def _expire(state: NodeState, now: float) -> Result:
         commands.append(Cancel(slot.attempt))
         state, more = _relay_failed(state, "timed out", now)
         commands += more
+    pm = state.portmap
+    if pm.attempt is not None and pm.deadline is not None and now >= pm.deadline:
+        commands.append(Cancel(pm.attempt))
+        state, more = _mapping_failed(state, f"no answer within {MAP_TIMEOUT:g} s", now)
+        commands += more
+    pm = state.portmap
+    if pm.status is MapStatus.MAPPED and pm.expires_at is not None and now >= pm.expires_at:
+        if pm.attempt is not None:
+            commands.append(Cancel(pm.attempt))
+        state, more = _mapping_failed(state, "the lease ended before it was renewed", now)
+        commands += more
+    pm = state.portmap
+    if pm.check is not None and pm.check_deadline is not None and now >= pm.check_deadline:
+        commands.append(Cancel(pm.check))
+        state = replace(state, portmap=replace(pm, checker=None, check=None, check_deadline=None,
+                                               check_at=now + RECHECK_AFTER_ERROR))
     pub = state.publication
     if pub.attempt is not None and pub.deadline is not None and now >= pub.deadline:
         commands.append(Cancel(pub.attempt))
@@ -767,12 +902,37 @@ def _advance_relay(state: NodeState, now: float) -> Result:
     return state, []
 
 
+def _advance_portmap(state: NodeState, now: float) -> Result:
+    """Map (or renew) when due; have a mapped address checked by a dial-back before it is
+    advertised, and again every RECHECK_INTERVAL. Only with bootstrap peers: without them
+    nobody could check a mapping (and such a node advertises its own addresses anyway)."""
+    if not state.settings.port_mapping or not state.bootstrap or state.phase not in (Phase.JOINING, Phase.READY):
+        return state, []
+    pm = state.portmap
+    commands: list[Command] = []
+    if pm.attempt is None:
+        renew = pm.status is MapStatus.MAPPED and pm.renew_at is not None and now >= pm.renew_at
+        if renew or (pm.status in (MapStatus.IDLE, MapStatus.FAILED) and now >= pm.retry_at):
+            state, attempt = state.mint()
+            status = MapStatus.MAPPED if renew else MapStatus.MAPPING
+            pm = replace(pm, status=status, attempt=attempt, deadline=now + MAP_TIMEOUT)
+            commands.append(MapPorts(attempt))
+    if pm.status is MapStatus.MAPPED and pm.check is None and (pm.check_at is None or now >= pm.check_at):
+        checkers = [p for p in state.connected_bootstrap() if p not in state.nat.unable]
+        if checkers:
+            state, attempt = state.mint()
+            pm = replace(pm, checker=checkers[0], check=attempt, check_deadline=now + CHECK_TIMEOUT, check_at=None)
+            commands.append(CheckReachability(checkers[0], attempt, pm.ports))
+    return replace(state, portmap=pm), commands
+
+
 def _may_publish(state: NodeState) -> bool:
     """Records carry addresses that should work: ours when we are reachable (or have no
-    one to ask), a circuit address when we hold a relay slot; nothing before that."""
+    one to ask), our mapped address once a dial-back got through it, a circuit address
+    when we hold a relay slot; nothing before that."""
     if state.phase is not Phase.READY or not state.services:
         return False
-    return not state.bootstrap or state.nat.status is NatStatus.PUBLIC or state.relay.status is RelayStatus.RESERVED
+    return not state.bootstrap or state.reachable or state.relay.status is RelayStatus.RESERVED
 
 
 def _advance_publication(state: NodeState, now: float) -> Result:

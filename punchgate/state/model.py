@@ -120,6 +120,37 @@ class RelaySlot:
     deadline: float | None = None
 
 
+class MapStatus(Enum):
+    IDLE = "idle"  # not asked for yet
+    MAPPING = "mapping"  # a gateway was asked (NAT-PMP, then UPnP)
+    MAPPED = "mapped"  # a gateway granted it: forwarded to our listen ports until the lease ends
+    FAILED = "failed"  # no gateway, refused, lost or useless: not asked again before ``retry_at``
+
+
+@dataclass(frozen=True)
+class PortMap:
+    """Our router forwarding a public port to our listen port (NAT-PMP or UPnP IGD).
+
+    The mapped address is advertised only while ``confirmed``: a dial-back reached us at it.
+    A router that grants a mapping but lets nothing through is found out by that check."""
+
+    status: MapStatus = MapStatus.IDLE
+    attempt: int | None = None  # a MapPorts (first mapping or renewal) under way
+    deadline: float | None = None
+    method: str | None = None  # "natpmp" or "upnp", once mapped
+    external: tuple[str, ...] = ()  # while MAPPED: /ip4/<external IP>/tcp/<external port>
+    ports: tuple[int, ...] = ()  # the external ports, for the dial-back
+    renew_at: float | None = None  # while MAPPED: when to ask again (before the lease ends)
+    expires_at: float | None = None  # while MAPPED: when the lease ends (None: permanent)
+    confirmed: bool = False  # a dial-back reached us at ``external``
+    checker: str | None = None  # the peer asked to dial ``external``, while it does
+    check: int | None = None  # that check's attempt
+    check_deadline: float | None = None
+    check_at: float | None = None  # when to check (again); None: as soon as a peer can
+    failures: int = 0  # consecutive failed attempts
+    retry_at: float = 0.0  # no new MapPorts before this (FAILED)
+
+
 @dataclass(frozen=True)
 class KnownPeer:
     """A peer remembered from an earlier run (``punchgate/memory.py``)."""
@@ -295,6 +326,7 @@ class Settings:
     shutdown_grace: float = 3.0
     republish_interval: float = 300.0
     connect_timeout: float = 30.0
+    port_mapping: bool = False  # ask our router to forward a public port (--no-port-mapping: off)
 
 
 @dataclass(frozen=True)
@@ -303,6 +335,7 @@ class NodeState:
     settings: Settings = field(default_factory=Settings)
     nat: Nat = field(default_factory=Nat)
     relay: RelaySlot = field(default_factory=RelaySlot)
+    portmap: PortMap = field(default_factory=PortMap)
     bootstrap: tuple[BootstrapPeer, ...] = ()
     publication: Publication = field(default_factory=Publication)
     connected_peers: frozenset[str] = frozenset()
@@ -321,6 +354,7 @@ class NodeState:
         republish_interval: float = 300.0,
         connect_timeout: float = 30.0,
         known: tuple[KnownPeer, ...] = (),
+        port_mapping: bool = False,
     ) -> NodeState:
         """The state at start. ``known`` peers (from an earlier run) are tried alongside the
         configured ones: bootstrap peers that answered are dialled too, and providers are
@@ -340,7 +374,7 @@ class NodeState:
                     names[service] = replace(old, providers=(*old.providers, peer.peer_id))
         return cls(
             bootstrap=tuple(BootstrapPeer(p) for p in unique),
-            settings=Settings(services, shutdown_grace, republish_interval, connect_timeout),
+            settings=Settings(services, shutdown_grace, republish_interval, connect_timeout, port_mapping),
             names=MappingProxyType(names),
             links=MappingProxyType(links),
         )
@@ -379,9 +413,16 @@ class NodeState:
         return sum(1 for s in self.sessions.values() if s.target == service_or_peer)
 
     @property
+    def reachable(self) -> bool:
+        """A check reached us: at our own addresses, or at the address our router maps to us."""
+        return self.nat.status is NatStatus.PUBLIC or self.portmap.confirmed
+
+    @property
     def assumes_private(self) -> bool:
         """Treat ourselves as unreachable: known private, or not known and joined through others.
 
         A node with bootstrap peers reserves a relay slot until a check says it is
         reachable, so that it can be reached even when nobody can check it."""
+        if self.reachable:
+            return False
         return self.nat.status is NatStatus.PRIVATE or (self.nat.status is NatStatus.UNKNOWN and bool(self.bootstrap))

@@ -101,6 +101,9 @@ class NoiseSession(SecureSession):
 
     async def _recv_into(self, view: memoryview) -> int:
         if self._socket is None:
+            recv_into = getattr(self._raw, "recv_into", None)  # the pnet protector has one
+            if recv_into is not None:
+                return await recv_into(view)
             data = await self._raw.read(len(view))
             view[: len(data)] = data
             return len(data)

@@ -43,6 +43,11 @@ Defects (py-libp2p 0.8.1, ``libp2p/stream_muxer/yamux/yamux.py``):
   views (``NoiseSession.read_exact``), applies the body timeout only when it has to
   wait, and queues bodies per stream (:class:`ChunkBuffer`), handed to readers without
   a copy when a read takes a whole body;
+- inbound streams are capped per connection (``max_inbound_streams``, set per host
+  from ``Limits.inbound_streams_per_conn`` by ``libp2p_fixes/inbound.py``): a SYN
+  beyond the cap is answered with RST before the stream is registered, as go-yamux
+  does past ``MaxIncomingStreams`` (the library accepts any number, each with a task
+  negotiating its protocol for up to 10 s);
 - any failure of the frame reader tears the connection down through the library's
   ``_cleanup_on_error``, which resets every stream.
 
@@ -357,9 +362,11 @@ class FlowYamux(Yamux):
 
     stream_class = FlowYamuxStream
     secured_conn: NoiseSession
+    max_inbound_streams = 2048  # streams the peer may have open on this connection at once
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.refused_streams = 0  # SYNs answered with RST for being over the cap
         # Only the sender writes (or a writer before the sender exists), and its
         # socket send yields: taking the lock need not be a scheduler pass too.
         self._write_lock = InnerLock()  # type: ignore[assignment]  # the same interface, no scheduler pass
@@ -542,7 +549,9 @@ class FlowYamux(Yamux):
     ) -> None:
         accepted = None
         if flags & FLAG_SYN:
-            if stream_id in self.streams:
+            if stream_id in self.streams or self._inbound_streams() >= self.max_inbound_streams:
+                if stream_id not in self.streams:
+                    self.refused_streams += 1
                 self._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
                 return
             stream = accepted = self._register(stream_id, False)
@@ -584,6 +593,11 @@ class FlowYamux(Yamux):
                 delta = RECEIVE_WINDOW - DEFAULT_WINDOW_SIZE
                 self._send_soon(_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, delta))
             await self.new_stream_send_channel.send(accepted)
+
+    def _inbound_streams(self) -> int:
+        """Streams the peer opened that are still registered (their IDs have its parity)."""
+        ours = self.next_stream_id & 1
+        return sum(1 for stream_id in self.streams if stream_id & 1 != ours)
 
     async def _on_ping(self, flags: int, opaque: int) -> None:
         if flags & FLAG_SYN:
