@@ -7,7 +7,7 @@ server's sha256 of everything it read; the run counts only if the digests
 match. The round trip is a 1-byte echo repeated ``--rtt-count`` times on one
 stream. Results are medians over ``--runs`` runs.
 
-    python scripts/bench_stream.py              # with punchgate.libp2p_fixes
+    python scripts/bench_stream.py              # with punchgate.transports' TCP data path
     python scripts/bench_stream.py --no-fixes   # the library as shipped
     python scripts/bench_stream.py --private    # both in a private network (pnet protector)
 """
@@ -154,12 +154,6 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-fixes", action="store_true", help="run the library as shipped")
     parser.add_argument(
-        "--only",
-        default="",
-        help="comma-separated punchgate.libp2p_fixes modules to install instead of all"
-        " (e.g. yamux,yamux_flow), to measure one adjustment at a time",
-    )
-    parser.add_argument(
         "--private", action="store_true", help="wrap both ends in the private-network protector (random key)"
     )
     parser.add_argument("--mib", type=int, default=200, help="MiB per throughput run")
@@ -173,15 +167,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    if args.only:
-        import importlib
+    if not args.no_fixes:
+        from punchgate import transports
 
-        for name in args.only.split(","):
-            importlib.import_module(f"punchgate.libp2p_fixes.{name}").install()
-    elif not args.no_fixes:
-        from punchgate import libp2p_fixes
-
-        libp2p_fixes.install()
+        transports.install()
     if args.serve:
         trio.run(serve)
         return
@@ -190,8 +179,6 @@ def main() -> None:
     command = [sys.executable, os.path.abspath(__file__), "--serve"]
     if args.no_fixes:
         command.append("--no-fixes")
-    if args.only:
-        command += ["--only", args.only]
     server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline().split()
@@ -204,7 +191,9 @@ def main() -> None:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-    label = ("no fixes" if args.no_fixes else f"fixes {args.only or 'all'}") + (", private network" if args.private else "")
+    label = ("library as shipped" if args.no_fixes else "punchgate.transports") + (
+        ", private network" if args.private else ""
+    )
     runs = ", ".join(f"{r:.0f}" for r in result["mib_s_all"])
     print(
         f"{label}: {result['mib_s']:.0f} MiB/s (runs: {runs}; {args.mib} MiB in "

@@ -20,6 +20,8 @@ from punchgate.runtime.node import Node
 from punchgate.specs import transport_of
 
 LOOPBACK_TCP = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+LOOPBACK_QUIC = multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")
+LOOPBACK = {"tcp": LOOPBACK_TCP, "quic": LOOPBACK_QUIC}  # a node listening on one transport only
 _NODE_DIRS = tempfile.TemporaryDirectory(prefix="punchgate-test-nodes-")  # removed when the run ends
 NODE_START_TIMEOUT = 20
 

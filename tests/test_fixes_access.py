@@ -3,7 +3,7 @@ shown on py-libp2p 0.8.1 as shipped where it can run beside ours, then ours hold
 
 - ``libp2p_fixes/inbound.py``: inbound slots given back when a connection closes; caps
   in total and per IP; a handshake deadline.
-- ``libp2p_fixes/yamux_flow.py``: inbound streams per connection capped (RST beyond).
+- ``transports/yamux.py``: inbound streams per connection capped (RST beyond).
 - ``libp2p_fixes/relay_hop.py``: reservations are the requester's own, end with its
   connection, and are capped per IP.
 """

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import multiaddr
 import trio
+from conftest import address_of, start_node
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.basic_host import BasicHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
-from conftest import address_of, start_node
-from punchgate.libp2p_fixes import host_addrs
 from punchgate.libp2p_fixes.kad_dht import ServerOnlyKadDHT
+from punchgate.runtime.addresses import AddressBook
+from punchgate.runtime.host import build_host
 from punchgate.runtime.reachability import check
 from punchgate.state import NatStatus
 
@@ -22,11 +24,13 @@ RELAY = "12D3KooWAuDFkDGEM9nHzYXD9C3mG4dUy9PAm5yf2BCKTuJQp41T"
 
 async def test_get_addrs_keeps_circuit_addresses_whole():
     circuit = multiaddr.Multiaddr(f"/ip4/203.0.113.9/tcp/4001/p2p/{RELAY}/p2p-circuit")
-    host = new_host(key_pair=create_new_key_pair(), listen_addrs=LOOPBACK, addrs_factory=lambda c: [*c, circuit])
+    book = AddressBook()
+    book.relay_addrs = [circuit]
+    host = build_host(create_new_key_pair(), LOOPBACK, book)
     async with host.run(listen_addrs=LOOPBACK):
         me = f"/p2p/{host.get_id()}"
-        fixed = [str(a) for a in host_addrs.get_addrs(host)]
-        shipped = [str(a) for a in host_addrs._original_get_addrs(host)]
+        fixed = [str(a) for a in host.get_addrs()]
+        shipped = [str(a) for a in BasicHost.get_addrs(host)]  # the library's method, same host
     assert f"{circuit}{me}" in fixed
     assert f"/ip4/203.0.113.9/tcp/4001{me}" not in fixed
     # The library as shipped labels the relay's socket with our ID instead.
@@ -80,3 +84,44 @@ async def test_dial_back_on_loopback_says_public():
             assert verdict.port_preserving is True  # no NAT between: the helper sees our own port
             assert answer["observed"] == answer["local"]
             nursery.cancel_scope.cancel()
+
+
+async def test_the_hole_punch_spray_leaves_from_the_quic_listener_and_ends_by_itself(monkeypatch):
+    """DCUtR's random UDP packets (the spraying side of a QUIC punch) must leave from the
+    QUIC listener's port, the one the peer's dial will come back to, and end without
+    being told to (the library's leave from a fresh socket and go on until an event is
+    set that is never set when every round fails)."""
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    from punchgate.libp2p_fixes import dcutr
+    from punchgate.libp2p_fixes.dcutr import BoundedDCUtR
+
+    monkeypatch.setattr(dcutr, "SPRAY_SECONDS", 1.0)  # its bound, shortened for the test
+    quic = [multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")]
+    target = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await target.bind(("127.0.0.1", 0))
+    aim = multiaddr.Multiaddr(f"/ip4/127.0.0.1/udp/{target.getsockname()[1]}/quic-v1")
+    sources: dict[str, set[int]] = {"ours": set(), "shipped": set()}
+    host = build_host(create_new_key_pair(), quic)
+    with target, trio.fail_after(30):
+        async with host.run(listen_addrs=quic), trio.open_nursery() as nursery:
+            listen_port = int(host.get_transport_addrs()[0].value_for_protocol("udp"))
+            kind = "ours"
+
+            async def collect() -> None:
+                while True:
+                    _, (_, port) = await target.recvfrom(2048)
+                    sources[kind].add(port)
+
+            nursery.start_soon(collect)
+            started = trio.current_time()
+            await BoundedDCUtR(host)._spam_udp_for_hole_punch(aim, trio.Event())  # never set
+            took = trio.current_time() - started
+            kind = "shipped"
+            with trio.move_on_after(1.0) as still_spraying:
+                await DCUtRProtocol(host)._spam_udp_for_hole_punch(aim, trio.Event())
+            nursery.cancel_scope.cancel()
+    assert 1.0 <= took <= 2.0, took
+    assert sources["ours"] == {listen_port}, (sources, listen_port)
+    assert still_spraying.cancelled_caught  # the library's would have gone on
+    assert sources["shipped"] and listen_port not in sources["shipped"], (sources, listen_port)

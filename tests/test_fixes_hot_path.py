@@ -1,11 +1,11 @@
-"""Scheduler passes and cancel safety on the stream data path (libp2p_fixes).
+"""Scheduler passes and cancel safety on the stream data path (punchgate.transports).
 
 A trio checkpoint costs a scheduler pass (an ``epoll_wait`` and the run loop's
 bookkeeping); on a 1-byte round trip through a tunnel those passes were most of
 the CPU. These tests count how often the task that reads or writes is
 rescheduled: with the library as shipped the ``NetStream`` state lock alone
 made each read and write one pass more, so they fail if that adjustment is
-lost. A write hands its frames to the connection's sender task (yamux_flow) and,
+lost. A write hands its frames to the connection's sender task (transports/yamux.py) and,
 with nothing of its own still in flight, returns without a pass.
 """
 
@@ -22,7 +22,7 @@ from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
 
 from punchgate import libp2p_fixes
-from punchgate.libp2p_fixes.net_stream import LeanNetStream
+from punchgate.transports.net_stream import LeanNetStream
 from tests.test_libp2p_fixes import host_pair, pattern, read_until_eof
 
 PROTO = TProtocol("/punchgate-test/hot-path/1")

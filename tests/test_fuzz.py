@@ -184,7 +184,7 @@ addr_texts = st.lists(
 @given(st.lists(st.one_of(addr_texts, st.text(max_size=40)), max_size=6))
 def test_address_strings_in_the_state_machine(addresses):
     direct, relays = state_addrs.classify(tuple(addresses))
-    assert all(state_addrs.is_tunnel_transport(a) for a in direct)
+    assert all(state_addrs.direct_transport(a) is not None for a in direct)
     for addr in addresses:
         state_addrs.without_p2p(addr)
         state_addrs.circuit_relay(addr)

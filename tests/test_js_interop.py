@@ -25,11 +25,11 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from multiaddr import Multiaddr
 
-from conftest import start_echo_server, start_node
+from conftest import address_of, start_echo_server, start_node
 from punchgate.devtools.echo import EchoServer
 from punchgate.devtools.jsnode import JsNode, JsNodeUnavailable, ensure_installed
 from punchgate.devtools.processes import PunchgateProcess, identity_path
-from punchgate.runtime.host import build_host
+from punchgate.runtime.host import build_host, connection_transport
 from punchgate.state import Limit, RelayStatus
 from punchgate.specs import ExposeSpec, HostPort
 from punchgate.wire import PROTOCOL_ID as TUNNEL_PROTOCOL
@@ -210,3 +210,67 @@ async def test_psk_node_admits_only_peers_holding_its_key(tmp_path, js_nodes):
             await host.connect(info_from_p2p_addr(Multiaddr(addr)))
     await in_thread(guarded.output)  # take what it printed
     assert [e["peer"] for e in guarded.events if e["event"] == "connection opened"] == [member.peer_id]
+
+
+# --- QUIC: @chainsafe/libp2p-quic against punchgate's own QUIC transport -----------------
+
+LOOPBACK_QUIC = "/ip4/127.0.0.1/udp/0/quic-v1"
+
+
+async def test_over_quic_a_js_node_and_punchgate_identify_each_other_and_ping(js_nodes):
+    """punchgate listening on QUIC only joins a js node over QUIC: each reads the other's
+    identify (js learns our QUIC listen address and protocols), and a ping goes both ways."""
+    js = await in_thread(js_nodes, "--quic", "--dht")
+    js_addr = await in_thread(js.addr, "quic-v1")
+    js_id = ID.from_base58(js.peer_id)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            node = await start_node(nursery, listen=(Multiaddr(LOOPBACK_QUIC),), bootstrap=(Multiaddr(js_addr),))
+            ours = str(node.peer_id)
+            opened = await in_thread(js.wait_event, "connection opened", 10, peer=ours)
+            assert opened["direction"] == "inbound" and not opened["relayed"], opened
+            # Our dial left from our QUIC listener's port (a NAT maps the one socket we listen on).
+            listen_port = address_of(node, "quic").value_for_protocol("udp")
+            assert opened["remote_addr"].startswith(f"/ip4/127.0.0.1/udp/{listen_port}/quic-v1"), opened
+            identified = await in_thread(js.wait_event, "identified", 10, peer=ours)
+            assert TUNNEL_PROTOCOL in identified["protocols"]
+            assert any(a.endswith("/quic-v1") for a in identified["listen_addrs"]), identified
+            # What we tell js it is seen at: its QUIC address (the library as shipped says /tcp/).
+            assert identified["observed_addr"].startswith("/ip4/127.0.0.1/udp/"), identified
+            assert identified["observed_addr"].endswith("/quic-v1"), identified
+            await wait_until(lambda: str(PING_PROTOCOL) in node.host.get_peerstore().get_protocols(js_id), 10)
+            kinds = {connection_transport(c) for c in node.host.get_network().get_connections(js_id)}
+            assert kinds == {"quic"}, kinds
+            stream = await node.host.new_stream(js_id, [TProtocol(str(PING_PROTOCOL))])
+            rtt_ms = await perform_ping_roundtrip(stream)
+            await stream.close()
+            assert 0 <= rtt_ms < 2000
+            pinger = await in_thread(js_nodes, "--quic", "--dial", str(address_of(node, "quic")), "--ping")
+            assert (await in_thread(pinger.wait_event, "ping", 15))["ok"] is True
+            assert await in_thread(pinger.wait) == 0
+            nursery.cancel_scope.cancel()
+
+
+def test_over_quic_a_js_client_tunnels_to_punchgate_and_every_byte_comes_back(tmp_path, js_nodes):
+    """A js client sends 16 MiB through a punchgate tunnel over QUIC and reads them back
+    (py-libp2p's own QUIC dropped bytes past its receive buffer without an error)."""
+    size = 16 * 1024 * 1024
+    with EchoServer() as echo:
+        provider = PunchgateProcess(
+            "--identity", identity_path(tmp_path, "provider"), "--listen", LOOPBACK_QUIC,
+            "--no-mdns", "--expose", f"echo=127.0.0.1:{echo.port}",
+        )
+        try:
+            provider.wait_event("phase transition", to_phase="ready")
+            client = js_nodes("--quic", "--dial", provider.address("quic"), "--tunnel", "echo", "--payload-bytes", str(size))
+            result = client.wait_event("tunnel", 60)
+            assert client.wait() == 0
+            assert result["accepted"] is True and result["error"] is None, result
+            assert result["sent_bytes"] == result["received_bytes"] == size
+            assert result["received_sha256"] == result["sent_sha256"]
+            opened = provider.wait_event("connection opened", peer=client.peer_id)
+            assert opened["transport"] == "quic", opened
+            closed = provider.wait_event("tunnel closed", service="echo", peer=client.peer_id)
+            assert closed["bytes_to_service"] == closed["bytes_from_service"] == size, closed
+        finally:
+            provider.kill()

@@ -1,4 +1,4 @@
-"""Tests for punchgate.libp2p_fixes over real hosts (TCP + Noise + Yamux on loopback).
+"""Tests for punchgate.transports' TCP data path over real hosts (TCP + Noise + Yamux on loopback).
 
 Run as a script (``python tests/test_libp2p_fixes.py <scenario>``) this file
 plays one scenario with the library *as shipped* and prints the outcome as
@@ -7,6 +7,7 @@ JSON; the tests use that to prove the scenarios fail without the fixes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -163,21 +164,62 @@ def fixes_installed():
 
 
 def test_install_is_idempotent_and_rebinds_the_library_names():
+    from libp2p.network.connection import swarm_connection
     from libp2p.security.noise import patterns
     from libp2p.stream_muxer import muxer_multistream
-    from libp2p.stream_muxer.yamux import yamux as yamux_module
 
-    from punchgate import libp2p_fixes
-    from punchgate.libp2p_fixes.noise import NoiseSession
-    from punchgate.libp2p_fixes.yamux import BackpressureYamuxStream
-    from punchgate.libp2p_fixes.yamux_flow import FlowYamux
+    from punchgate import libp2p_fixes, transports
+    from punchgate.transports.net_stream import LeanNetStream
+    from punchgate.transports.noise import NoiseSession
+    from punchgate.transports.yamux import yamux_for
 
     libp2p_fixes.install()
     libp2p_fixes.install()
-    assert libp2p_fixes.installed()
-    assert yamux_module.YamuxStream is BackpressureYamuxStream
-    assert muxer_multistream.Yamux is FlowYamux
+    assert libp2p_fixes.installed() and transports.installed()
+    assert muxer_multistream.Yamux is yamux_for
     assert patterns.SecureSession is NoiseSession
+    assert swarm_connection.NetStream is LeanNetStream
+
+
+async def test_as_shipped_gives_back_the_library_for_a_block_and_ours_after_it():
+    """The adjustment is reversible: connections made inside ``as_shipped()`` use the
+    library's own session, muxer and stream; after it, ours again (same process)."""
+    from libp2p.network.stream.net_stream import NetStream
+    from libp2p.security.secure_session import SecureSession
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    from punchgate.transports import as_shipped
+    from punchgate.transports.net_stream import LeanNetStream
+    from punchgate.transports.noise import NoiseSession
+    from punchgate.transports.yamux import FlowYamux
+
+    payload = pattern(2 * MiB)
+    kinds = []
+    for shipped in (True, False):
+        with as_shipped() if shipped else contextlib.nullcontext():
+            async with host_pair() as (listener, dialer):
+                async def echo(stream) -> None:
+                    await stream.write(await read_until_eof(stream))
+                    await stream.close()
+
+                listener.set_stream_handler(PROTO, echo)
+                stream = await dialer.new_stream(listener.get_id(), [PROTO])
+                muxed = stream.muxed_stream.conn
+                kinds.append((type(stream), type(muxed), type(muxed.secured_conn)))
+                with trio.fail_after(30):
+                    await stream.write(payload)
+                    await stream.close_write()
+                    assert await read_until_eof(stream) == payload
+    assert kinds[0] == (NetStream, Yamux, SecureSession), kinds
+    assert kinds[1] == (LeanNetStream, FlowYamux, NoiseSession), kinds
+
+
+def test_an_unexpected_library_version_is_refused(monkeypatch):
+    from punchgate import transports
+
+    monkeypatch.setattr(transports.importlib.metadata, "version", lambda name: "0.9.0")
+    with pytest.raises(transports.UnsupportedLibrary, match="pin|install libp2p==0.8.1"), transports.adjusted():
+        pass
 
 
 @pytest.mark.slow
@@ -275,7 +317,7 @@ async def test_parked_writer_is_bounded_by_callers_cancel_scope():
 
 
 # ---------------------------------------------------------------------------
-# Flow control and the frame path (yamux_flow + noise).
+# Flow control and the frame path (transports: yamux + noise).
 
 
 def frame_log(conn) -> list[tuple[int, int, int, int]]:
@@ -305,7 +347,7 @@ async def read_until_eof(stream, size: int = CHUNK) -> bytes:
 
 
 async def test_frames_fit_one_noise_message_and_bodies_are_not_copied():
-    from punchgate.libp2p_fixes.noise import MAX_PLAINTEXT
+    from punchgate.transports import NOISE_PLAINTEXT as MAX_PLAINTEXT
 
     payload = pattern(3 * MiB + 12345)
     got = {}
@@ -350,7 +392,7 @@ async def test_frames_fit_one_noise_message_and_bodies_are_not_copied():
 async def test_write_batches_are_4_full_frames_and_a_small_tail_rides_along():
     """A write goes to the sender in batches of WRITE_BATCH full frames; a tail of a few bytes joins
     the last batch instead of becoming a batch (a socket write) of its own."""
-    from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD, WRITE_BATCH
+    from punchgate.transports import FRAME_PAYLOAD, WRITE_BATCH
 
     got = {}
     done = trio.Event()
@@ -629,7 +671,7 @@ async def noise_pair(monkeypatch, patched_dialer: bool = True, patched_listener:
     from libp2p.security.noise import patterns
     from libp2p.security.secure_session import SecureSession
 
-    from punchgate.libp2p_fixes.noise import NoiseSession
+    from punchgate.transports.noise import NoiseSession
 
     a, b = trio.testing.memory_stream_pair()
     key_a, key_b = create_new_key_pair(), create_new_key_pair()
@@ -664,7 +706,8 @@ async def noise_pair(monkeypatch, patched_dialer: bool = True, patched_listener:
 
 
 async def test_noise_session_read_semantics_without_a_socket(monkeypatch):
-    from punchgate.libp2p_fixes.noise import MAX_PLAINTEXT, NoiseSession
+    from punchgate.transports import NOISE_PLAINTEXT as MAX_PLAINTEXT
+    from punchgate.transports.noise import NoiseSession
 
     dialer, listener = await noise_pair(monkeypatch)
     assert isinstance(dialer, NoiseSession) and isinstance(listener, NoiseSession)
@@ -692,7 +735,7 @@ async def test_noise_session_read_semantics_without_a_socket(monkeypatch):
 
 @pytest.mark.parametrize("patched_dialer", [True, False])
 async def test_noise_session_talks_to_shipped_secure_session(monkeypatch, patched_dialer):
-    from punchgate.libp2p_fixes.noise import NoiseSession
+    from punchgate.transports.noise import NoiseSession
 
     dialer, listener = await noise_pair(
         monkeypatch, patched_dialer=patched_dialer, patched_listener=not patched_dialer

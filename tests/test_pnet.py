@@ -294,7 +294,7 @@ def frames_parse_to_the_end(data: bytes) -> bool:
 async def test_every_byte_on_the_wire_goes_through_the_protector(protected):
     """Captured between two hosts: with a key, each direction is a 24-byte nonce and then
     ciphertext that, decrypted under the key, is multistream-select and Noise framing to
-    the very last byte, a 4 MiB exchange included: the data path (``libp2p_fixes/noise.py``
+    the very last byte, a 4 MiB exchange included: the data path (``transports/noise.py``
     writes batches straight to the socket when it can) never skips the protector. Without
     a key the same framing is there in the clear (the check is not vacuous)."""
     key = os.urandom(32) if protected else None

@@ -12,6 +12,7 @@ from punchgate.devtools.echo import EchoServer
 from punchgate.devtools.processes import PunchgateProcess, identity_path
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+LOOPBACK_QUIC = "/ip4/127.0.0.1/udp/0/quic-v1"
 
 
 @pytest.fixture
@@ -133,16 +134,20 @@ def test_sigterm_closes_open_tunnels_and_exits_0_within_5s(tmp_path, processes, 
     assert code == 0 and seconds < 5, (code, seconds)
 
 
-def test_provider_killed_closes_the_local_client_within_5s(tmp_path, processes, echo_port):
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
+def test_provider_killed_closes_the_local_client_within_5s(tmp_path, processes, echo_port, transport):
+    """Over TCP the dead provider's host resets the connection; over QUIC it answers the
+    client's next keep-alive with ICMP port unreachable (punchgate/transports/quic)."""
+    listen = LOOPBACK if transport == "tcp" else LOOPBACK_QUIC
     provider = processes(
-        "--identity", identity_path(tmp_path, "p"), "--listen", LOOPBACK, "--no-mdns",
+        "--identity", identity_path(tmp_path, "p"), "--listen", listen, "--no-mdns",
         "--expose", f"echo=127.0.0.1:{echo_port}",
     )
     provider_id = provider.wait_event("punchgate starting")["peer_id"]
     port = free_port()
     client = processes(
-        "--identity", identity_path(tmp_path, "c"), "--listen", LOOPBACK, "--no-mdns",
-        "--bootstrap", provider.tcp_address(), "--tunnel", f"{provider_id}:echo@127.0.0.1:{port}",
+        "--identity", identity_path(tmp_path, "c"), "--listen", listen, "--no-mdns",
+        "--bootstrap", provider.address(transport), "--tunnel", f"{provider_id}:echo@127.0.0.1:{port}",
     )
     client.wait_event("phase transition", to_phase="ready")
     conn = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -162,3 +167,4 @@ def test_provider_killed_closes_the_local_client_within_5s(tmp_path, processes, 
     assert closed_after < 5, closed_after
     event = client.wait_event("client tunnel closed")
     assert event["bytes_from_remote"] == len(b"are you there?")
+    assert event["transport"] == transport, event

@@ -1,8 +1,10 @@
 """The tunnel data path under stalls, idleness, faults and load: nothing lost, nothing hangs, nothing leaks.
 
-These run over a direct TCP connection between in-process nodes on loopback; the
-relayed variants run in the NAT lab (tests/test_nat.py). Tunnels never ride QUIC
-(see README, "Transports"), so there is no QUIC variant to run.
+Each test runs over a direct connection between in-process nodes on loopback, once
+with both nodes listening on TCP only and once on QUIC only (``transport``): the same
+tunnel, the same checks, the stream riding a TCP+Noise+Yamux connection or a QUIC one
+(``punchgate.transports``). The relayed variants run in the NAT lab (tests/test_nat.py);
+a QUIC peer killed outright is in tests/test_processes.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
+from conftest import LOOPBACK, address_of, exchange_all, free_port, sha256, start_echo_server, start_node
 
-from conftest import address_of, exchange_all, free_port, sha256, start_echo_server, start_node
+from punchgate.runtime.host import connection_transport
 from punchgate.specs import ExposeSpec, HostPort, TunnelSpec
 
 MIB = 1024 * 1024
@@ -68,16 +71,31 @@ class Source:
             await stream.send_eof()
 
 
-async def tunnel_to(nursery, service_port: int, name: str = "svc"):
-    """A provider exposing 127.0.0.1:service_port and a client tunnelling to it; returns (provider, client, port)."""
-    provider = await start_node(nursery, expose=(ExposeSpec(name, HostPort("127.0.0.1", service_port)),))
+async def tunnel_to(nursery, service_port: int, transport: str = "tcp", name: str = "svc"):
+    """A provider exposing 127.0.0.1:service_port and a client tunnelling to it, both
+    listening on ``transport`` only; returns (provider, client, port)."""
+    listen = (LOOPBACK[transport],)
+    provider = await start_node(nursery, listen=listen, expose=(ExposeSpec(name, HostPort("127.0.0.1", service_port)),))
     port = free_port()
     client = await start_node(
         nursery,
-        bootstrap=(address_of(provider),),
+        listen=listen,
+        bootstrap=(address_of(provider, transport),),
         tunnels=(TunnelSpec(str(provider.peer_id), name, HostPort("127.0.0.1", port)),),
     )
     return provider, client, port
+
+
+@pytest.fixture(params=["tcp", "quic"])
+def transport(request) -> str:
+    """The transport both nodes listen on (so the tunnel's direct connection uses it)."""
+    return request.param
+
+
+def assert_rides(client, provider, transport: str) -> None:
+    """The client reaches the provider over ``transport`` only: the tunnel ran on the transport under test."""
+    kinds = [connection_transport(c) for c in client.host.get_network().get_connections(provider.peer_id)]
+    assert kinds and set(kinds) == {transport}, kinds
 
 
 @pytest.fixture(autouse=True)
@@ -89,12 +107,12 @@ def _enough_file_descriptors():
 
 
 @pytest.mark.slow
-async def test_reader_stalling_60s_mid_download_loses_nothing_and_pushes_back():
+async def test_reader_stalling_60s_mid_download_loses_nothing_and_pushes_back(transport):
     payload = pattern(100 * MIB)
     source = Source(payload)
     with trio.fail_after(STALL_SECONDS + 120):
         async with trio.open_nursery() as nursery:
-            _, _, port = await tunnel_to(nursery, await source.start(nursery))
+            provider, client, port = await tunnel_to(nursery, await source.start(nursery), transport)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             received = bytearray()
             while len(received) < 10 * MIB:
@@ -105,6 +123,7 @@ async def test_reader_stalling_60s_mid_download_loses_nothing_and_pushes_back():
             while data := await stream.receive_some(MIB):
                 received += data
             await stream.aclose()
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
     assert len(received) == len(payload)
     assert sha256(bytes(received)) == sha256(payload)
@@ -114,10 +133,10 @@ async def test_reader_stalling_60s_mid_download_loses_nothing_and_pushes_back():
 
 
 @pytest.mark.slow
-async def test_idle_connection_still_carries_data():
+async def test_idle_connection_still_carries_data(transport):
     with trio.fail_after(IDLE_SECONDS + 60):
         async with trio.open_nursery() as nursery:
-            _, _, port = await tunnel_to(nursery, await start_echo_server(nursery))
+            provider, client, port = await tunnel_to(nursery, await start_echo_server(nursery), transport)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(b"before")
             assert await stream.receive_some(100) == b"before"
@@ -125,23 +144,28 @@ async def test_idle_connection_still_carries_data():
             await stream.send_all(b"after the pause")
             assert await stream.receive_some(100) == b"after the pause"
             await stream.aclose()
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
 
 
-async def test_idle_for_10_minutes_of_trio_time_with_the_real_defaults(mock_clock):
+# Over QUIC the keep-alive (a PING every 3 s while a stream is open) wakes the jumping clock
+# about 200 times, each after 0.1 s of real quiet: half a minute, so it is a slow test there.
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("quic", marks=pytest.mark.slow)])
+async def test_idle_for_10_minutes_of_trio_time_with_the_real_defaults(mock_clock, transport):
     """Ten idle minutes on the trio clock, every timer at its real default.
 
     All nodes run in this process, so once the tunnel is idle every task waits on a
     timer or a socket. The mock clock then jumps to the next deadline after 0.1 s of
     real quiet: each timer on the path (pings, Yamux RTT probes, the TCP path's
-    timeouts, DHT refreshes) fires as it would in ten real minutes, in seconds. (A
+    timeouts, QUIC's keep-alives, loss detection and idle timeout, DHT refreshes) fires
+    as it would in ten real minutes, in seconds. (A
     timer that closed the peer connection after 5 minutes, added by hand, made this
     test fail.)
     """
     mock_clock.autojump_threshold = 0.1  # real seconds of quiet before the clock jumps
     with trio.fail_after(IDLE_MINUTES * 60 + 120):
         async with trio.open_nursery() as nursery:
-            _, _, port = await tunnel_to(nursery, await start_echo_server(nursery))
+            provider, client, port = await tunnel_to(nursery, await start_echo_server(nursery), transport)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(b"before")
             assert await stream.receive_some(100) == b"before"
@@ -151,10 +175,11 @@ async def test_idle_for_10_minutes_of_trio_time_with_the_real_defaults(mock_cloc
             await stream.send_all(b"after ten minutes")
             assert await stream.receive_some(100) == b"after ten minutes"
             await stream.aclose()
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
 
 
-async def test_service_half_closing_first_still_receives_everything():
+async def test_service_half_closing_first_still_receives_everything(transport):
     """The service answers and shuts its write side first; the client keeps sending after EOF."""
     upload = os.urandom(4 * MIB)
     got = {}
@@ -172,7 +197,7 @@ async def test_service_half_closing_first_still_receives_everything():
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             nursery.start_soon(partial(trio.serve_listeners, greet_then_collect, listeners))
-            _, _, port = await tunnel_to(nursery, listeners[0].socket.getsockname()[1])
+            provider, client, port = await tunnel_to(nursery, listeners[0].socket.getsockname()[1], transport)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             greeting = bytearray()
             while chunk := await stream.receive_some(1024):  # until the service's EOF arrives
@@ -184,11 +209,12 @@ async def test_service_half_closing_first_still_receives_everything():
                 while "upload" not in got:
                     await trio.sleep(0.01)
             await stream.aclose()
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
     assert sha256(got["upload"]) == sha256(upload)
 
 
-async def test_service_going_away_closes_the_remote_client():
+async def test_service_going_away_closes_the_remote_client(transport):
     service_scope = trio.CancelScope()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -199,7 +225,7 @@ async def test_service_going_away_closes_the_remote_client():
                         task_status.started(await start_echo_server(inner))
                         await trio.sleep_forever()
 
-            _, _, port = await tunnel_to(nursery, await nursery.start(service))
+            provider, client, port = await tunnel_to(nursery, await nursery.start(service), transport)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(b"ping")
             assert await stream.receive_some(10) == b"ping"
@@ -211,26 +237,28 @@ async def test_service_going_away_closes_the_remote_client():
                 except trio.BrokenResourceError:
                     pass  # reset instead of FIN: closed all the same
             await stream.aclose()
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
 
 
-async def test_1000_concurrent_connections_each_echo_64k():
+async def test_1000_concurrent_connections_each_echo_64k(transport):
     payloads = [os.urandom(64 * 1024) for _ in range(1000)]
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
-            _, _, port = await tunnel_to(nursery, await start_echo_server(nursery))
+            provider, client, port = await tunnel_to(nursery, await start_echo_server(nursery), transport)
             results = await exchange_all(port, payloads)
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
     bad = [i for i, p in enumerate(payloads) if results[i] != p]
     assert not bad, f"{len(bad)} of 1000 connections wrong, e.g. {bad[:5]}"
 
 
 @pytest.mark.slow
-async def test_no_leaks_after_10000_sequential_connections():
+async def test_no_leaks_after_10000_sequential_connections(transport):
     count = int(os.environ.get("PUNCHGATE_LEAK_TEST_CONNECTIONS", "10000"))
     with trio.fail_after(900):
         async with trio.open_nursery() as nursery:
-            _, client, port = await tunnel_to(nursery, await start_echo_server(nursery))
+            provider, client, port = await tunnel_to(nursery, await start_echo_server(nursery), transport)
 
             async def round_trip(i: int) -> None:
                 message = b"%08d" % i
@@ -253,6 +281,7 @@ async def test_no_leaks_after_10000_sequential_connections():
             await quiesce(client)
             fds_after, rss_after = open_fds(), rss_bytes()
             tasks_after = trio.lowlevel.current_statistics().tasks_living
+            assert_rides(client, provider, transport)
             nursery.cancel_scope.cancel()
     assert fds_after <= fds + 5, (fds, fds_after)
     assert tasks_after <= tasks + 5, (tasks, tasks_after)

@@ -28,6 +28,7 @@ BOOT = ("boot1", "boot2")
 PROVIDER = "prov"
 CIRCUIT = f"/ip4/100.64.0.10/tcp/4001/p2p/boot1/p2p-circuit/p2p/{PROVIDER}"
 DIRECT_ADDR = "/ip4/198.51.100.7/tcp/4001"
+QUIC_ADDR = "/ip4/198.51.100.7/udp/4001/quic-v1"
 SMALL = Limit(120, 128 * 1024)  # what go- and js-libp2p relays allow by default
 BIG = Limit(7200, 8 << 30)  # ours
 
@@ -356,6 +357,50 @@ def test_a_stalled_stream_drops_its_connection():
     assert cmd.CloseConnection(PROVIDER, None) in out and cmd.Cancel(opened.attempt) in out
 
 
+def test_a_direct_quic_connection_carries_streams_when_no_tcp_one_is_up():
+    run = joined()
+    run(ev.ConnectionOpened(PROVIDER, "quic"))
+    run(ev.SessionStarted(1, "x", PROVIDER))
+    opened = run.last(cmd.OpenStream)
+    assert (opened.relay, opened.transport) == (None, "quic")
+    assert run.state.sessions[1].path == "direct"
+    out = run.until(run.now + 20)  # and a stall drops that connection, not a TCP one
+    assert cmd.CloseConnection(PROVIDER, None, "quic") in out
+
+
+def test_with_both_direct_connections_up_streams_ride_tcp():
+    run = joined()
+    run(ev.ConnectionOpened(PROVIDER, "quic"))
+    run(ev.ConnectionOpened(PROVIDER, "tcp"))
+    run(ev.SessionStarted(1, "x", PROVIDER))
+    assert run.last(cmd.OpenStream).transport == "tcp"
+    run(ev.ConnectionClosed(PROVIDER, "tcp"))
+    run(ev.SessionStarted(2, "x", PROVIDER))
+    assert run.last(cmd.OpenStream).transport == "quic"
+
+
+def test_a_punch_that_makes_a_quic_connection_ends_and_the_session_rides_it():
+    run = joined()
+    run(ev.SessionStarted(1, "x", PROVIDER))
+    dial = run.last(cmd.DialRelayed)
+    run(ev.ConnectionOpened(PROVIDER, "relay", "boot1"))
+    run(ev.DialSucceeded(PROVIDER, dial.attempt, "boot1", SMALL))
+    punch = run.one(cmd.HolePunch)
+    out = run(ev.ConnectionOpened(PROVIDER, "quic"), 0.2)
+    assert cmd.Cancel(punch.attempt) in out
+    assert any(isinstance(c, cmd.Note) and dict(c.fields)["outcome"] == "direct" for c in out)
+    opened = run.one(cmd.OpenStream, out)
+    assert (opened.relay, opened.transport) == (None, "quic")
+
+
+def test_direct_dials_try_tcp_addresses_before_quic_ones():
+    run = joined(bootstrap=())  # no relay of ours to try first: a look-up, then a direct dial
+    run(ev.SessionStarted(1, "x", PROVIDER))
+    lookup = run.last(cmd.LookupPeer)
+    run(ev.PeerLookedUp(PROVIDER, lookup.attempt, (QUIC_ADDR, DIRECT_ADDR, "/ip4/198.51.100.7/tcp/4001/ws")))
+    assert run.last(cmd.DialDirect).addrs == (DIRECT_ADDR, QUIC_ADDR)
+
+
 def test_stale_results_change_nothing():
     run = joined()
     run(ev.SessionStarted(1, "x", PROVIDER))
@@ -386,7 +431,7 @@ RELAYS = st.sampled_from(["boot1", "boot2"])
 ATTEMPTS = st.integers(min_value=1, max_value=40)
 SERVICES = st.sampled_from(["echo", "ssh"])
 LIMITS = st.sampled_from([None, SMALL, BIG])
-ADDRS = st.sampled_from([(), (DIRECT_ADDR,), (CIRCUIT,), (DIRECT_ADDR, CIRCUIT)])
+ADDRS = st.sampled_from([(), (DIRECT_ADDR,), (QUIC_ADDR,), (CIRCUIT,), (DIRECT_ADDR, CIRCUIT), (QUIC_ADDR, DIRECT_ADDR)])
 
 events = st.one_of(
     st.just(ev.ListenersReady(("/ip4/10.0.0.2/tcp/4001",))),
@@ -527,6 +572,19 @@ def test_tunnels_never_ride_a_limited_relay_and_sessions_end_once(state, sequenc
             if isinstance(c, (cmd.CloseSession, cmd.StartPipe)):
                 assert c.session not in decided
                 decided.add(c.session)
+
+
+@settings(max_examples=300, deadline=None)
+@given(initial_states, steps)
+def test_a_direct_stream_rides_a_live_direct_connection_tcp_first(state, sequence):
+    """A stream for a direct path names the transport of a live direct connection to the
+    peer: TCP whenever one is up, QUIC only when it is the one direct connection there is."""
+    for _, _, _, new, commands in drive(state, sequence):
+        for c in commands:
+            if isinstance(c, cmd.OpenStream) and c.relay is None:
+                link = new.links[c.peer_id]
+                assert c.transport == ("tcp" if link.direct > 0 else "quic")
+                assert (link.direct if c.transport == "tcp" else link.quic) > 0
 
 
 @settings(max_examples=300, deadline=None)

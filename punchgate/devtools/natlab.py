@@ -63,7 +63,7 @@ def read_topology(path: Path = TOPOLOGY_FILE) -> dict[str, str]:
 
 TOPOLOGY = read_topology()
 PUB_IP = TOPOLOGY["PUB_IP"]
-NODE_PORT = int(TOPOLOGY["NODE_PORT"])  # every node listens on /ip4/0.0.0.0/tcp/4001 in its namespace
+NODE_PORT = int(TOPOLOGY["NODE_PORT"])  # every node listens on /ip4/0.0.0.0/tcp/4001 in its namespace (udp/4001 for QUIC)
 ECHO_PORT = 7777  # the echo server on hosta's 127.0.0.1
 TUNNEL_PORT = 2222  # hostb's local end of the tunnel to the echo service
 
@@ -356,10 +356,18 @@ class NatLab:
     """
 
     def __init__(
-        self, workdir: Path, tag: str, symmetric: bool = False, failure: type[Exception] = AssertionError
+        self,
+        workdir: Path,
+        tag: str,
+        symmetric: bool = False,
+        failure: type[Exception] = AssertionError,
+        transport: str = "tcp",
     ) -> None:
         self.workdir = workdir  # node identities go here
         self.symmetric = symmetric
+        # "tcp": every node listens on TCP; "quic": hosta and hostb listen on QUIC only, pub
+        # (bootstrap and relay) on both, and the others join it over QUIC.
+        self.transport = transport
         self.failure = failure
         self.prefix = unique_prefix(tag)
         self.nodes: dict[str, PunchgateProcess] = {}
@@ -441,11 +449,22 @@ class NatLab:
         key_pair, _ = load_or_create_identity(self.identity(name))
         return str(ID.from_pubkey(key_pair.public_key))
 
+    def listen_args(self, role: str, port: int) -> list[str]:
+        tcp, quic = f"/ip4/0.0.0.0/tcp/{port}", f"/ip4/0.0.0.0/udp/{port}/quic-v1"
+        if self.transport == "tcp":
+            return ["--listen", tcp]
+        return ["--listen", tcp, "--listen", quic] if role == "pub" else ["--listen", quic]
+
+    def bootstrap_address(self, pub_id: str) -> str:
+        if self.transport == "tcp":
+            return f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
+        return f"/ip4/{PUB_IP}/udp/{NODE_PORT}/quic-v1/p2p/{pub_id}"
+
     def node(self, name: str, role: str, *args: str, port: int = NODE_PORT) -> PunchgateProcess:
         """``punchgate`` in ROLE's namespace, listening on PORT, with its own identity."""
         proc = PunchgateProcess(
             "--identity", str(self.identity(name)),
-            "--listen", f"/ip4/0.0.0.0/tcp/{port}",
+            *self.listen_args(role, port),
             "--no-mdns",
             *args,
             wrapper=self.wrap(role),
@@ -477,7 +496,7 @@ class NatLab:
         started at the same instant (``started`` holds it), as a boot starts them; nothing
         is awaited."""
         pub_id = self.peer_id("pub")
-        bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
+        bootstrap = self.bootstrap_address(pub_id)
         self.start_echo_server()
         hosta_id = self.peer_id("hosta")
         self.peer_id("hostb")
@@ -544,7 +563,7 @@ class NatLab:
         self.node("pub", "pub")
         pub_id = self.expect("pub", "punchgate starting", start_timeout)["peer_id"]
         self.expect("pub", "phase transition", start_timeout, to_phase="ready")
-        bootstrap = f"/ip4/{PUB_IP}/tcp/{NODE_PORT}/p2p/{pub_id}"
+        bootstrap = self.bootstrap_address(pub_id)
         self.start_echo_server()
         self.node("hosta", "hosta", "--bootstrap", bootstrap, "--expose", f"echo=127.0.0.1:{ECHO_PORT}")
         self.node("hostb", "hostb", "--bootstrap", bootstrap, "--tunnel-by-name", f"echo@127.0.0.1:{TUNNEL_PORT}")

@@ -145,7 +145,12 @@ class PunchgateProcess:
                 self.lines.append(line)
 
     def tcp_address(self) -> str:
-        event = self.wait_for(lambda e: e.get("event") == "listening on" and "/tcp/" in e["address"])
+        return self.address("tcp")
+
+    def address(self, transport: str) -> str:
+        """Its first listen address (with /p2p/<id>) of ``transport``: "tcp" or "quic"."""
+        part = "/tcp/" if transport == "tcp" else "/quic-v1/"
+        event = self.wait_for(lambda e: e.get("event") == "listening on" and part in e["address"] + "/")
         return event["address"]
 
     def terminate_and_wait(self, timeout: float) -> tuple[int, float]:

@@ -41,9 +41,9 @@ import trio
 from libp2p.abc import IHost, IMuxedConn
 from libp2p.network.connection.raw_connection import RawConnection
 
-from punchgate.libp2p_fixes.yamux_flow import FlowYamux
 from punchgate.limits import ConnectionAdmission, Limits, LogThrottle
 from punchgate.logs import get_logger
+from punchgate.transports.yamux import FlowYamux
 
 log = get_logger("punchgate.limits")
 CLOSE_TIMEOUT = 2.0

@@ -27,7 +27,7 @@ not use QUIC, and ``runtime/host.py`` turns it off.
 in its first write, then everything it writes is XORed with the XSalsa20 keystream
 under (key, its nonce); the reader takes the peer's nonce (however it is split across
 reads) and decrypts likewise. It is not a ``RawConnection`` and has no ``stream``
-attribute, so ``libp2p_fixes/noise.py`` never mistakes it for a plain TCP connection
+attribute, so ``transports/noise.py`` never mistakes it for a plain TCP connection
 whose socket it could use directly: every byte goes through :meth:`write` and
 :meth:`read`.
 

@@ -33,7 +33,7 @@ same two streams swapped; the first of the pair to run relays the whole circuit,
 other returns at once. For each circuit:
 
 * both directions run in one nursery under one cancel scope: each reads whatever is
-  buffered, up to eight full frames (one sender batch of ``yamux_flow``), and writes it
+  buffered, up to eight full frames (one sender batch of ``transports/yamux.py``), and writes it
   with no deadline of its own (back-pressure waits);
 * EOF in one direction becomes ``close_write`` on the other stream, and the circuit
   ends cleanly (both streams closed) once both directions have; if either fails, the
@@ -90,15 +90,15 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.utils import write_delimited_msg
 
-from punchgate.libp2p_fixes.yamux_flow import FRAME_PAYLOAD, WRITE_BATCH
 from punchgate.limits import LogThrottle
 from punchgate.logs import get_logger
+from punchgate.transports import BATCH_BYTES
 
 logger = logging.getLogger(__name__)
 events = get_logger("punchgate.relay")
 DEFAULT_RESERVATIONS_PER_IP = 8
 
-RELAY_READ = WRITE_BATCH * FRAME_PAYLOAD  # 524,056 B: one read, one full sender batch
+RELAY_READ = BATCH_BYTES  # one read fills one Yamux sender batch (punchgate.transports, rule 4)
 STATUS_TIMEOUT = 2.0  # the limit status is a courtesy before the reset
 FINISH_TIMEOUT = 5.0  # closing or resetting one stream at the end of a circuit
 

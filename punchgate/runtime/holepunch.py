@@ -1,10 +1,10 @@
-"""Hole punching: DCUtR over TCP, one attempt when the state machine asks for one.
+"""Hole punching: DCUtR over TCP and QUIC, one attempt when the state machine asks for one.
 
 Whether and when to punch (a relayed connection and nothing better, our NAT keeping
 ports, no recent failure) and how long to wait are the machine's decisions; this
 module runs the library's DCUtR service (as ``BoundedDCUtR``: no hopeless "step 0"
 dials, no hang with QUIC addresses, no relayed connection closed under live streams)
-and reports whether a direct TCP connection came of an attempt.
+and reports whether a direct connection (TCP or QUIC) came of an attempt.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class HolePuncher:
             await trio.sleep_forever()
 
     async def punch(self, peer_id: ID) -> tuple[bool, str | None]:
-        """(a direct TCP connection to ``peer_id`` exists afterwards, why not)."""
+        """(a direct connection to ``peer_id`` exists afterwards, why not)."""
         reason = None
         try:
             ok = bool(await self.dcutr.initiate_hole_punch(peer_id))
@@ -39,6 +39,6 @@ class HolePuncher:
                 reason = "DCUtR gave up"
         except Exception as exc:  # protocol errors from the peer or the library
             reason = f"{type(exc).__name__}: {exc}"
-        if live_connection(self.host, peer_id, "tcp") is not None:
+        if live_connection(self.host, peer_id, "tcp") or live_connection(self.host, peer_id, "quic"):
             return True, None
         return False, reason or "no direct connection"

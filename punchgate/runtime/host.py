@@ -5,11 +5,12 @@ Decisions:
 * **Noise is the only security protocol.** py-libp2p's default host also accepts
   ``/plaintext/2.0.0``, secio and TLS; a plaintext dialer would get an unencrypted
   session. We pass Noise alone, so negotiation with anything else fails.
-* **Tunnel streams ride TCP connections** (direct, or relayed over TCP). py-libp2p
-  0.8.1's QUIC drops data past its 2 MiB receive buffer and kills streams idle for
-  30 s, so QUIC stays available for what is safe (identify, ping, discovery) while
-  tunnels open their streams with ``runtime/multistream.open_stream_on`` on the
-  connection the state machine chose, never on one the swarm picks.
+* **QUIC is ours** (``punchgate.transports.quic``, on aioquic): py-libp2p 0.8.1's QUIC
+  loses data, kills idle streams and dials from a fresh socket, so the host gets our
+  transport instead, and identify's answer names the address of the connection it was
+  asked on (``punchgate.transports.identify``: ``/udp/…/quic-v1`` on QUIC). Tunnel
+  streams open with ``runtime/multistream.open_stream_on`` on the connection the state
+  machine chose (direct TCP, direct QUIC or relayed), never on one the swarm picks.
 * **No dial behind our back.** The swarm's auto-connector dials peers from the
   peerstore on its own; who is dialled when is the state machine's decision, so it is
   turned off (``libp2p_fixes/auto_connector.py``).
@@ -33,23 +34,29 @@ import socket
 from collections.abc import Sequence
 
 import multiaddr
-from libp2p import new_host
+from libp2p import new_swarm
 from libp2p.abc import IHost, INetConn
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.host.basic_host import BasicHost
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
+from libp2p.rcmgr import new_resource_manager
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.transport.quic.connection import QUICConnection
+from libp2p.transport.tcp.tcp import TCP
 
 from punchgate import libp2p_fixes
 from punchgate.libp2p_fixes.inbound import guard_inbound
 from punchgate.libp2p_fixes.pnet import protect_host
 from punchgate.limits import Limits
 from punchgate.runtime.addresses import AddressBook, is_unhelpful_addr
-from punchgate.specs import transport_of
+from punchgate.specs import transport_of, without_peer_id
+from punchgate.transports.identify import identify_handler
+from punchgate.transports.quic.connection import QuicConn
+from punchgate.transports.quic.transport import QuicTransport
 
 DIAL_TIMEOUT = 10.0
 NEGOTIATE_TIMEOUT = 10  # the library's own protocol negotiations
@@ -104,18 +111,27 @@ def build_host(
     that private network only (``listen_addrs`` must then hold no QUIC address)."""
     libp2p_fixes.install()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    wants_quic = any(transport_of(a) == "quic" for a in listen_addrs)
-    if network_key is not None and wants_quic:
+    if network_key is not None and any(transport_of(a) == "quic" for a in listen_addrs):
         raise ValueError("a private network cannot use QUIC: filter the addresses with listen_addrs_for")
-    host = new_host(
+    # Both transports, whatever we listen on: a node that listens on one can still dial the
+    # other. A private network is TCP only (its protector sits in TCP's security upgrade).
+    transports = [TCP()] if network_key is not None else [TCP(), QuicTransport(key_pair.private_key)]
+    resource_manager = new_resource_manager()  # what new_host() gives every host by default
+    swarm = new_swarm(
         key_pair=key_pair,
         listen_addrs=list(listen_addrs),
+        transports=transports,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        enable_quic=wants_quic,
+        resource_manager=resource_manager,
+        retry_config=RetryConfig(max_retries=0),
+    )
+    host = Host(
+        network=swarm,
         negotiate_timeout=NEGOTIATE_TIMEOUT,
+        resource_manager=resource_manager,
         addrs_factory=address_book if address_book is not None else AddressBook(),
     )
-    host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
+    host.set_stream_handler(IDENTIFY_PROTOCOL, identify_handler(host))
     limits = limits or Limits()
     # Our gate's deadline is the one that counts; the library's own (inside it) is later.
     host.get_network().connection_config.inbound_upgrade_timeout = limits.handshake_timeout + 1  # type: ignore[attr-defined]
@@ -125,11 +141,40 @@ def build_host(
     return host
 
 
+class Host(BasicHost):
+    """py-libp2p's host, whose advertised addresses keep relay circuit addresses whole.
+
+    ``BasicHost.get_addrs`` (``libp2p/host/basic_host.py`` ~530-539) passes the candidate
+    addresses through our ``addrs_factory`` (``AddressBook``: what the state machine says
+    to advertise) and then, to append ``/p2p/<our id>``, decapsulates the address's
+    *first* ``/p2p`` value: for ``<relay addr>/p2p/<relay>/p2p-circuit`` that is the
+    relay's, which cut the address back to the relay's own socket, labelled with our
+    peer ID. Identify, DHT provider records and DCUtR all read ``get_addrs()``, so a node
+    behind NAT advertised a wrong address instead of its circuit address. Here only a
+    trailing ``/p2p/<id>`` is replaced."""
+
+    def get_addrs(self) -> list[multiaddr.Multiaddr]:
+        own = multiaddr.Multiaddr(f"/p2p/{self.get_id()!s}")
+        candidates = list(self.get_transport_addrs())
+        manager = self._observed_addr_manager
+        if manager is not None:
+            candidates += [a for a in manager.addrs() if a not in candidates]
+        addrs = list(self._addrs_factory(candidates)) if self._addrs_factory is not None else candidates
+        return [without_peer_id(a).encapsulate(own) for a in addrs]
+
+
+def quic_transport(host: IHost) -> QuicTransport | None:
+    for transport in host.get_network().transport_manager.get_transports():  # type: ignore[attr-defined]
+        if isinstance(transport, QuicTransport):
+            return transport
+    return None
+
+
 def connection_transport(conn: INetConn) -> str:
     """'relay', 'quic' or 'tcp' for a live connection."""
     if conn.get_connection_type() is ConnectionType.RELAYED:
         return "relay"
-    if isinstance(conn.muxed_conn, QUICConnection):
+    if isinstance(conn.muxed_conn, QuicConn):
         return "quic"
     return "tcp"
 

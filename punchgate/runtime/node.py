@@ -377,8 +377,8 @@ class Node:
                 session = self.sessions.get(session_id)
                 if session is not None:
                     session.refuse(event, reason)
-            case cmd.CloseConnection(peer_id=peer_id, relay=relay):
-                conn = live_connection(self.host, ID.from_base58(peer_id), "tcp" if relay is None else "relay", relay)
+            case cmd.CloseConnection(peer_id=peer_id, relay=relay, transport=transport):
+                conn = live_connection(self.host, ID.from_base58(peer_id), transport if relay is None else "relay", relay)
                 if conn is not None:
                     log.warning("closing a stalled connection", peer=peer_id, relay=relay)
                     self._nursery.start_soon(conn.close)
@@ -414,7 +414,7 @@ class Node:
 
     async def _dial_bootstrap(self, peer_id: str, attempt: int) -> None:
         pid = ID.from_base58(peer_id)
-        if live_connection(self.host, pid, "tcp") is None:
+        if live_connection(self.host, pid, "tcp") is None and live_connection(self.host, pid, "quic") is None:
             try:
                 await dial_direct(self.host, pid, self.bootstrap_addrs[peer_id])
             except Exception as exc:  # every dial error means "not reached"
@@ -599,21 +599,22 @@ class Node:
     async def _open_stream(self, command: cmd.OpenStream) -> None:
         session, attempt, peer = command.session, command.attempt, command.peer_id
         pid = ID.from_base58(peer)
-        conn = live_connection(self.host, pid, "tcp") if command.relay is None else live_connection(
-            self.host, pid, "relay", command.relay
-        )
+        if command.relay is None:
+            conn = live_connection(self.host, pid, command.transport)
+        else:
+            conn = live_connection(self.host, pid, "relay", command.relay)
         if conn is None:
             self.post(ev.StreamFailed(session, attempt, "the connection closed"))
             return
         stream: INetStream | None = None
         waiting = self.sessions.get(session)
-        transport = waiting.transport if waiting is not None else "tcp"
+        carries = waiting.transport if waiting is not None else "tcp"  # what the tunnel carries: TCP or UDP
         try:
             # The request rides with the protocol negotiation: one round trip.
-            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service, transport))
+            stream, early = await open_stream_on(conn, PROTOCOL_ID, encode_request(command.service, carries))
             message, rest = await read_message(stream, already_read=early)
             response = parse_response(message)
-            if response.accepted and transport == "udp" and response.transport != "udp":
+            if response.accepted and carries == "udp" and response.transport != "udp":
                 # A provider that predates UDP ignores the field and would take datagrams as TCP bytes.
                 response = TunnelResponse(False, f"the provider does not serve UDP (older punchgate): {command.service!r}")
         except Exception as exc:  # negotiation, stream and wire errors alike
@@ -628,7 +629,8 @@ class Node:
             self.post(ev.StreamRefused(session, attempt, response.reason or "refused"))
             return
         path = "direct" if command.relay is None else "relayed"
-        self._opened[attempt] = Opened(stream, rest, peer, path, command.relay)
+        transport = command.transport if command.relay is None else "relay"
+        self._opened[attempt] = Opened(stream, rest, peer, path, command.relay, transport)
         self.post(ev.StreamAccepted(session, attempt))
 
     def _remember_addrs(self, found: list[PeerInfo]) -> None:

@@ -8,7 +8,8 @@ Who reads and writes: two tasks, one per direction, in a nursery owned by :func:
   becomes ``send_eof`` on the socket (shutdown of its write side).
 
 Back-pressure: each task awaits its write before reading again, so a slow reader on
-one end holds the writer on the other (Yamux's window carries it across the network).
+one end holds the writer on the other (the stream's credit, Yamux's window or QUIC's
+flow control, carries it across the network: ``punchgate.transports``).
 
 Who closes: when both directions have ended cleanly, both ends are closed. If either
 direction fails (stream reset, socket error), the other is cancelled, the stream is
@@ -23,7 +24,9 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF
 
-CHUNK = 8 * 65507  # one write batch of full Yamux frames (FlowYamux: 8 frames of 65,507 B)
+from punchgate.transports import BATCH_BYTES
+
+CHUNK = BATCH_BYTES  # one read fills one Yamux sender batch (punchgate.transports, rule 4)
 CLOSE_TIMEOUT = 2.0
 
 

@@ -2,10 +2,14 @@
 
 Two protocols, asked in this order of a connected bootstrap peer:
 
-* ``/punchgate/dialback/1.1.0``, ours: the client sends the TCP ports it listens on; the
-  server answers at once with the address it sees (``{"observed": "ip:port"}``), then
-  dials ``/ip4/<that IP>/tcp/<port>`` with ``swarm.dial_addr`` (always a new
-  connection, authenticated by Noise as the same peer), and answers
+* ``/punchgate/dialback/1.1.0``, ours: the client sends the TCP ports it listens on
+  (``ports``) and its QUIC ones (``quic_ports``; servers that do not know the field
+  ignore it); the server answers at once with the address it sees
+  (``{"observed": "ip:port"}``), then dials ``/ip4/<that IP>/tcp/<port>`` with
+  ``swarm.dial_addr`` (always a new connection, authenticated by Noise as the same
+  peer) and ``/ip4/<that IP>/udp/<port>/quic-v1`` from a port other than its QUIC
+  listener's (a packet from the listener's port would pass the client's NAT on the
+  mapping of the connection the request came on), and answers
   ``{"reachable": bool, "observed": "ip:port"}``. The first answer tells, within one
   round trip, whether our NAT keeps our port (the observed port equals our end of the
   connection): DCUtR predicts our port as our listen port, so with a NAT that maps
@@ -47,6 +51,8 @@ from punchgate.runtime.handshake import read_message
 from punchgate.runtime.multistream import open_stream_on
 from punchgate.specs import transport_of
 from punchgate.state.model import NatStatus
+from punchgate.transports.quic.connection import QuicConn
+from punchgate.transports.quic.transport import QuicTransport
 from punchgate.wire import WireError, encode
 
 PROTOCOL_ID = "/punchgate/dialback/1.1.0"
@@ -76,7 +82,7 @@ class DialbackServer:
 
     def __init__(self, host: IHost) -> None:
         self.host = host
-        self._last_answered: dict[tuple[ID, int, tuple[int, ...]], float] = {}
+        self._last_answered: dict[tuple[ID, int, tuple[int, ...], tuple[int, ...]], float] = {}
         self.autonat = FreshDialAutoNAT(host, serve=True)  # type: ignore[arg-type]
 
     async def handle_stream(self, stream: INetStream) -> None:
@@ -102,13 +108,11 @@ class DialbackServer:
         if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
             return {"error": "dial-back is not offered over relayed connections"}
         message, _ = await read_message(stream, REQUEST_TIMEOUT)
-        ports = message.get("ports")
-        if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
-            raise WireError("ports must be a list of port numbers")
+        ports, quic_ports = _port_list(message.get("ports")), _port_list(message.get("quic_ports", []))
         # Once per connection, question and MIN_INTERVAL (a node that restarted asks again on
         # its new connection at once; its own ports and its router's mapped ones are two
         # questions, asked at the same moment; asking more often needs a new Noise handshake).
-        key = (peer, id(stream.muxed_conn), tuple(sorted(ports[:MAX_PORTS])))
+        key = (peer, id(stream.muxed_conn), tuple(sorted(ports[:MAX_PORTS])), tuple(sorted(quic_ports[:MAX_PORTS])))
         now = trio.current_time()
         if now - self._last_answered.get(key, -MIN_INTERVAL) < MIN_INTERVAL:
             return {"error": "asked too often"}
@@ -124,17 +128,28 @@ class DialbackServer:
         observed = f"{ip}:{remote[1]}"
         if early:
             await stream.write(encode({"observed": observed}))
-        for port in ports[:MAX_PORTS]:
-            addr = multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}")
+        candidates = [f"/{family}/{ip}/tcp/{port}" for port in ports[:MAX_PORTS]]
+        candidates += [f"/{family}/{ip}/udp/{port}/quic-v1" for port in quic_ports[:MAX_PORTS]]
+        for addr in candidates:
             with trio.move_on_after(DIALBACK_TIMEOUT):
-                try:
-                    conn = await self.host.get_network().dial_addr(addr, peer)
-                except Exception:  # refused, unreachable, wrong peer
-                    continue
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await conn.close()
-                return {"reachable": True, "observed": observed, "dialed": str(addr)}
+                if await self._dial_back(multiaddr.Multiaddr(addr), peer):
+                    return {"reachable": True, "observed": observed, "dialed": addr}
         return {"reachable": False, "observed": observed}
+
+    async def _dial_back(self, addr: multiaddr.Multiaddr, peer: ID) -> bool:
+        """Whether a new connection to ``peer`` at ``addr`` can be made (closed at once)."""
+        quic = _quic_transport(self.host) if transport_of(addr) == "quic" else None
+        conn: QuicConn | INetConn
+        try:
+            if quic is not None:
+                conn = await quic.dial(addr.encapsulate(multiaddr.Multiaddr(f"/p2p/{peer}")), fresh_port=True)
+            else:
+                conn = await self.host.get_network().dial_addr(addr, peer)
+        except Exception:  # refused, unreachable, wrong peer
+            return False
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await conn.close()
+        return True
 
 
 async def check(
@@ -148,30 +163,35 @@ async def check(
     if conn is None:
         return Verdict(NatStatus.UNKNOWN, "dialback", details={"error": "not connected directly"})
     if ports is None:
-        ports = _tcp_listen_ports(host)
+        ports, quic_ports = _listen_ports(host, "tcp"), _listen_ports(host, "quic")
         keeps = await _mapping_from_identify(host, conn)
         if keeps is not None:
             on_mapping(keeps)
-    if not ports:
-        return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP listen address"})
+    else:
+        quic_ports = []  # the external TCP ports our router maps to us: a question of their own
+    if not ports and not quic_ports:
+        return Verdict(NatStatus.UNKNOWN, "none", details={"error": "no TCP or QUIC listen address"})
     for protocol in (PROTOCOL_ID, PROTOCOL_V1):
         try:
-            return await _dialback(conn, ports, protocol, on_mapping)
+            return await _dialback(conn, ports, quic_ports, protocol, on_mapping)
         except MultiselectClientError as exc:
             if "not supported" not in str(exc):
                 raise
     try:
-        return await _autonat(host, conn, ports)
+        return await _autonat(host, conn, ports, quic_ports)
     except MultiselectClientError as exc:
         if "not supported" not in str(exc):
             raise
     return Verdict(NatStatus.UNKNOWN, "none", details={"error": "speaks neither dial-back protocol"})
 
 
-async def _dialback(conn: INetConn, ports: list[int], protocol: str, on_mapping: Callable[[bool], None]) -> Verdict:
-    limit = REQUEST_TIMEOUT + DIALBACK_TIMEOUT * MAX_PORTS
+async def _dialback(
+    conn: INetConn, ports: list[int], quic_ports: list[int], protocol: str, on_mapping: Callable[[bool], None]
+) -> Verdict:
+    limit = REQUEST_TIMEOUT + DIALBACK_TIMEOUT * 2 * MAX_PORTS
+    request = {"ports": ports, "quic_ports": quic_ports} if quic_ports else {"ports": ports}
     with trio.fail_after(limit):
-        stream, rest = await open_stream_on(conn, protocol, encode({"ports": ports}))
+        stream, rest = await open_stream_on(conn, protocol, encode(request))
         local = _local_address(stream)
         try:
             while True:  # 1.1.0: {"observed"} first, then the verdict (or an error)
@@ -200,11 +220,11 @@ def _keeps_port(answer: dict, local: tuple[str, int] | None) -> bool | None:
     return int(observed.rpartition(":")[2]) == local[1]
 
 
-async def _autonat(host: IHost, conn: INetConn, ports: list[int]) -> Verdict:
+async def _autonat(host: IHost, conn: INetConn, ports: list[int], quic_ports: list[int]) -> Verdict:
     request = AutonatMessage()
     request.type = AutonatMessage.DIAL
     request.dial.peer.id = host.get_id().to_bytes()
-    for addr in _candidate_addrs(host, ports):
+    for addr in _candidate_addrs(host, ports, quic_ports):
         request.dial.peer.addrs.append(addr.to_bytes())
     with trio.fail_after(AUTONAT_TIMEOUT):
         stream, early = await open_stream_on(conn, AUTONAT_PROTOCOL_ID, encode_varint_prefixed(request.SerializeToString()))
@@ -257,16 +277,42 @@ async def _mapping_from_identify(host: IHost, conn: INetConn) -> bool | None:
         while True:
             seen = manager._conn_observations.get(id(conn))  # (local, observed, group, ref)
             if seen is not None and seen[3]() is conn:
-                port = str(seen[1]).rstrip("/").rpartition("/")[2]
-                return int(port) == local[1] if port.isdigit() else None
+                port = _port_of(str(seen[1]))
+                return port == local[1] if port is not None else None
             await trio.sleep(IDENTIFY_POLL)
     return None
 
 
+def _port_list(value: object) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in value):
+        raise WireError("ports must be a list of port numbers")
+    return value
+
+
+def _port_of(addr: str) -> int | None:
+    """The TCP or UDP port of an address string (``/ip4/1.2.3.4/udp/4001/quic-v1`` -> 4001)."""
+    parts = addr.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("tcp", "udp") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
 def _local_address_of(conn: INetConn) -> tuple[str, int] | None:
-    secured = getattr(conn.muxed_conn, "secured_conn", None)
+    """Our end of a direct connection: the QUIC endpoint's, or the TCP socket's under Noise."""
+    muxed = conn.muxed_conn
+    if isinstance(muxed, QuicConn):
+        return muxed.get_local_address()
+    secured = getattr(muxed, "secured_conn", None)
     get_local = getattr(secured, "get_local_address", None)
     return get_local() if callable(get_local) else None
+
+
+def _quic_transport(host: IHost) -> QuicTransport | None:
+    for transport in host.get_network().transport_manager.get_transports():  # type: ignore[attr-defined]
+        if isinstance(transport, QuicTransport):
+            return transport
+    return None
 
 
 def _direct_connection(host: IHost, peer: ID) -> INetConn | None:
@@ -276,11 +322,13 @@ def _direct_connection(host: IHost, peer: ID) -> INetConn | None:
     return None
 
 
-def _tcp_listen_ports(host: IHost) -> list[int]:
-    return sorted({int(a.value_for_protocol("tcp")) for a in host.get_transport_addrs() if transport_of(a) == "tcp"})
+def _listen_ports(host: IHost, transport: str) -> list[int]:
+    """The ports we listen on with ``transport`` ("tcp" or "quic")."""
+    kind = "tcp" if transport == "tcp" else "udp"
+    return sorted({int(a.value_for_protocol(kind)) for a in host.get_transport_addrs() if transport_of(a) == transport})
 
 
-def _candidate_addrs(host: IHost, ports: list[int]) -> list[multiaddr.Multiaddr]:
+def _candidate_addrs(host: IHost, ports: list[int], quic_ports: tuple[int, ...] | list[int] = ()) -> list[multiaddr.Multiaddr]:
     """Addresses an AutoNAT server may dial: our listen ports at every IP we might be seen at
     (the IPs peers observed us at, and our interfaces' own)."""
     ips: list[str] = []
@@ -297,11 +345,15 @@ def _candidate_addrs(host: IHost, ports: list[int]) -> list[multiaddr.Multiaddr]
     for ip in dict.fromkeys(ips):
         family = "ip6" if ipaddress.ip_address(ip).version == 6 else "ip4"
         result += [multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}") for port in ports]
+        result += [multiaddr.Multiaddr(f"/{family}/{ip}/udp/{port}/quic-v1") for port in quic_ports]
     return result[:16]
 
 
 def _local_address(stream: INetStream) -> tuple[str, int] | None:
-    """Our end of the TCP connection a stream runs on, when our Noise session can tell."""
-    secured = getattr(stream.muxed_conn, "secured_conn", None)
+    """Our end of the connection a stream runs on (QUIC, or TCP when our Noise session can tell)."""
+    muxed = stream.muxed_conn
+    if isinstance(muxed, QuicConn):
+        return muxed.get_local_address()
+    secured = getattr(muxed, "secured_conn", None)
     get_local = getattr(secured, "get_local_address", None)
     return get_local() if callable(get_local) else None

@@ -95,7 +95,7 @@ class Relays:
         ``relay_addrs`` or the addresses we know, if need be), and the relay's limit on it."""
         network = self.host.get_network()
         if not network.get_connections(relay_id):
-            known = relay_addrs or [a for a in known_addrs(self.host, relay_id) if transport_of(a) == "tcp"]
+            known = relay_addrs or [a for a in known_addrs(self.host, relay_id) if transport_of(a) is not None]
             await dial_direct(self.host, relay_id, [without_peer_id(a) for a in known])
         stream = await self.host.new_stream(relay_id, [HOP_PROTOCOL_ID])
         try:
@@ -113,12 +113,14 @@ class Relays:
         return conn, _limit(answer)
 
     def circuit_addrs(self, relay_id: ID) -> list[multiaddr.Multiaddr]:
-        """``<relay's TCP address>/p2p/<relay>/p2p-circuit`` for each address others can
-        reach it at (the relay's loopback and link-local addresses only if it has no other)."""
-        tcp = [without_peer_id(a) for a in known_addrs(self.host, relay_id) if transport_of(a) == "tcp"]
-        useful = [a for a in tcp if not is_unhelpful_addr(a)]
+        """``<relay's address>/p2p/<relay>/p2p-circuit`` for each TCP and QUIC address others
+        can reach it at, TCP first (the relay's loopback and link-local addresses only if it
+        has no other)."""
+        known = [without_peer_id(a) for a in known_addrs(self.host, relay_id)]
+        direct = sorted((a for a in known if transport_of(a) is not None), key=lambda a: transport_of(a) != "tcp")
+        useful = [a for a in direct if not is_unhelpful_addr(a)]
         result = []
-        for addr in useful or [a for a in tcp if not is_unspecified_addr(a)]:
+        for addr in useful or [a for a in direct if not is_unspecified_addr(a)]:
             circuit = multiaddr.Multiaddr(f"{addr}/p2p/{relay_id}/p2p-circuit")
             if circuit not in result:
                 result.append(circuit)

@@ -44,6 +44,7 @@ class Opened:
     peer: str
     path: str  # "direct" or "relayed"
     relay: str | None
+    transport: str = "tcp"  # of the connection the stream rides: "tcp" or "quic" (direct), "relay"
 
 
 @dataclass(eq=False)
@@ -181,7 +182,7 @@ async def pipe_session(
 ) -> None:
     """Pipe a session's local connection and its accepted stream, with the log events and
     the counters every TCP entry shares (``client tunnel opened`` / ``closed``)."""
-    fields = {**fields, "peer": opened.peer, "path": opened.path}
+    fields = {**fields, "peer": opened.peer, "path": opened.path, "transport": opened.transport}
     if opened.relay is not None:
         fields["relay"] = opened.relay
     setup_ms = round((trio.current_time() - session.started) * 1000, 2)

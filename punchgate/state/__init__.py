@@ -34,7 +34,8 @@ The state (:class:`NodeState`) is a product of dimensions:
   name's providers (:class:`Name`, looked up in the network, never from a cache) or a
   fixed peer, and wait on that peer's :class:`Link`: its addresses (hints with a time),
   its connections, the one dial in flight, the hole punch. A session rides the direct
-  connection; else an unlimited relayed one (after giving a punch under way a moment);
+  connection (TCP if one is up, else QUIC); else an unlimited relayed one (after giving
+  a punch under way a moment);
   a relay whose limit is too small for a tunnel is used only to punch through.
 
 Every piece of work the machine asks for has an attempt ID and a deadline kept in the

@@ -28,21 +28,25 @@ def circuit_relay(addr: str) -> tuple[str, str] | None:
     return parts[-1], relay_addr
 
 
-def is_tunnel_transport(addr: str) -> bool:
-    """A direct address a tunnel stream can ride: plain TCP (no QUIC, websockets, circuits)."""
+def direct_transport(addr: str) -> str | None:
+    """"tcp" or "quic" for a direct address a tunnel stream can ride (``/ip4|ip6|dns*/H/tcp/N``
+    or ``/ip4|ip6/H/udp/N/quic-v1``), None for anything else (websockets, circuits, old QUIC)."""
     parts = without_p2p(addr).split("/")
-    return (
-        len(parts) == 5
-        and parts[0] == ""
-        and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6")
-        and parts[3] == "tcp"
-        and parts[4].isdigit()
-    )
+    if len(parts) < 5 or parts[0] != "" or not parts[4].isdigit():
+        return None
+    if len(parts) == 5 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") and parts[3] == "tcp":
+        return "tcp"
+    if len(parts) == 6 and parts[1] in ("ip4", "ip6") and parts[3] == "udp" and parts[5] == "quic-v1":
+        return "quic"
+    return None
 
 
 def classify(addrs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]:
-    """(direct TCP addresses, ((relay ID, relay addresses), ...)) found in ``addrs``, in order."""
+    """(direct addresses, ((relay ID, relay addresses), ...)) found in ``addrs``: the TCP
+    addresses first, then the QUIC ones (a direct dial tries TCP first: see
+    docs/ARCHITECTURE.md, "Which direct path"), each kind in the order given."""
     direct: list[str] = []
+    quic: list[str] = []
     relays: dict[str, list[str]] = {}
     for addr in addrs:
         found = circuit_relay(addr)
@@ -51,8 +55,10 @@ def classify(addrs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, 
             known = relays.setdefault(relay, [])
             if relay_addr and relay_addr not in known:
                 known.append(relay_addr)
-        elif is_tunnel_transport(addr):
+        else:
+            kind = direct_transport(addr)
             bare = without_p2p(addr)
-            if bare not in direct:
-                direct.append(bare)
-    return tuple(direct), tuple((relay, tuple(found)) for relay, found in relays.items())
+            found_in = direct if kind == "tcp" else quic if kind == "quic" else None
+            if found_in is not None and bare not in found_in:
+                found_in.append(bare)
+    return (*direct, *quic), tuple((relay, tuple(found)) for relay, found in relays.items())

@@ -157,14 +157,16 @@ class HolePunch:
 
 @dataclass(frozen=True)
 class OpenStream:
-    """Open a tunnel stream for ``session`` to ``peer_id`` on the direct connection
-    (``relay`` None) or the one through ``relay``, and ask for ``service``."""
+    """Open a tunnel stream for ``session`` to ``peer_id`` on the direct connection of
+    ``transport`` ("tcp" or "quic"; ``relay`` None) or the one through ``relay``, and ask
+    for ``service``."""
 
     session: int
     attempt: int
     peer_id: str
     service: str
     relay: str | None
+    transport: str = "tcp"
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,12 @@ class CloseSession:
 
 @dataclass(frozen=True)
 class CloseConnection:
-    """Close our connection to ``peer_id`` (direct, or the one through ``relay``): it let a
-    stream time out, so it is broken even if the library has not noticed."""
+    """Close our connection to ``peer_id`` (direct of ``transport``, or the one through
+    ``relay``): it let a stream time out, so it is broken even if the library has not noticed."""
 
     peer_id: str
     relay: str | None
+    transport: str = "tcp"
 
 
 @dataclass(frozen=True)

@@ -302,10 +302,10 @@ def _on_connection_opened(state: NodeState, event: ev.ConnectionOpened, now: flo
         )
     elif event.transport == "tcp":
         link = replace(link, direct=link.direct + 1)
-    else:
-        link = replace(link, other=link.other + 1)
+    elif event.transport == "quic":
+        link = replace(link, quic=link.quic + 1)
     commands: list[Command] = []
-    if link.direct > 0 and link.punch.status is PunchStatus.RUNNING:
+    if link.direct_path is not None and link.punch.status is PunchStatus.RUNNING:
         # The punch made its connection: whatever the library still does, we are done.
         assert link.punch.attempt is not None
         commands += [Cancel(link.punch.attempt), _punch_note(link, now, "direct")]
@@ -325,8 +325,8 @@ def _on_connection_closed(state: NodeState, event: ev.ConnectionClosed, now: flo
             link = replace(link, relayed=relayed, relayed_since=link.relayed_since if relayed else None)
     elif event.transport == "tcp":
         link = replace(link, direct=max(0, link.direct - 1))
-    else:
-        link = replace(link, other=max(0, link.other - 1))
+    elif event.transport == "quic":
+        link = replace(link, quic=max(0, link.quic - 1))
     commands: list[Command] = []
     if link.punch.status is PunchStatus.RUNNING and not any(r.count for r in link.relayed.values()):
         # A punch is coordinated over the relayed connection, which is gone.
@@ -641,7 +641,7 @@ def _on_dial_succeeded(state: NodeState, event: ev.DialSucceeded, now: float) ->
         if old is None or old.count == 0:
             return _dial_failed(state, link, "the relayed connection closed as soon as it was made", now), []
         link = replace(link, relayed=put(link.relayed, event.relay, replace(old, limit=event.limit)))
-    elif link.direct == 0:
+    elif link.direct_path is None:
         return _dial_failed(state, link, "the connection closed as soon as it was made", now), []
     link = replace(link, dial=None, failures=0, retry_at=now, last_error=None)
     return state.with_link(link), []
@@ -727,7 +727,8 @@ def _on_stream_failed(state: NodeState, event: ev.StreamFailed, now: float) -> R
     if session is None:
         return state, []
     assert session.peer is not None
-    commands: list[Command] = [CloseConnection(session.peer, session.via)] if event.stalled else []
+    stalled = CloseConnection(session.peer, session.via, session.transport or "tcp")
+    commands: list[Command] = [stalled] if event.stalled else []
     session = _back_to_resolving(replace(session, tried=session.tried | {session.peer}), f"{session.peer}: {event.reason}")
     return state.with_session(session), commands
 
@@ -735,7 +736,7 @@ def _on_stream_failed(state: NodeState, event: ev.StreamFailed, now: float) -> R
 def _back_to_resolving(session: Session, error: str) -> Session:
     return replace(
         session, phase=SessionPhase.RESOLVING, peer=None, attempt=None, attempt_deadline=None, path=None, via=None,
-        waiting_since=None, errors=(*session.errors, error)[-MAX_ERRORS:],
+        transport=None, waiting_since=None, errors=(*session.errors, error)[-MAX_ERRORS:],
     )
 
 
@@ -1038,12 +1039,14 @@ def _connect(state: NodeState, session: Session, now: float) -> Result:
     use, reason = _path_for(state, link, now)
     if use is not None:
         state, attempt = state.mint()
+        transport = link.direct_path if use == DIRECT else None
         relay = None if use == DIRECT else use
         session = replace(
             session, phase=SessionPhase.OPENING, attempt=attempt, attempt_deadline=min(now + STREAM_TIMEOUT, session.deadline),
-            path="direct" if relay is None else "relayed", via=relay,
+            path="direct" if relay is None else "relayed", via=relay, transport=transport,
         )
-        return state.with_session(session), [OpenStream(session.id, attempt, link.peer, session.service, relay)]
+        command = OpenStream(session.id, attempt, link.peer, session.service, relay, transport or "tcp")
+        return state.with_session(session), [command]
     if reason is not None:
         session = replace(session, errors=(*session.errors, f"{link.peer}: {reason}")[-MAX_ERRORS:])
         if session.fixed_peer is not None or not _other_candidates(state, session):
@@ -1074,8 +1077,10 @@ def _punch_viable(state: NodeState, link: Link, now: float) -> tuple[bool, str |
 
 
 def _path_for(state: NodeState, link: Link, now: float) -> tuple[str | None, str | None]:
-    """(the path a stream should take now, None) or (None, why none ever will) or (None, None): wait."""
-    if link.direct > 0:
+    """(the path a stream should take now, None) or (None, why none ever will) or (None, None): wait.
+
+    DIRECT means the link's direct connection (:attr:`Link.direct_path`: TCP if one is up, else QUIC)."""
+    if link.direct_path is not None:
         return DIRECT, None
     # A relayed connection we are still dialling has not told us its limit yet.
     dialling = link.dial.path if link.dial is not None else None
@@ -1112,7 +1117,7 @@ def _next_path(state: NodeState, link: Link) -> str | None:
 def _progress_link(state: NodeState, link: Link, now: float) -> Result:
     """Someone waits for ``link``: punch, dial or look up, whichever is due."""
     commands: list[Command] = []
-    if link.direct > 0:
+    if link.direct_path is not None:
         return state, []
     if link.relayed:
         viable, why_not = _punch_viable(state, link, now)

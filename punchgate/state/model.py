@@ -215,6 +215,7 @@ class Session:
     attempt_deadline: float | None = None
     path: str | None = None  # "direct" or "relayed" once OPENING/OPEN
     via: str | None = None  # the relay's peer ID when relayed
+    transport: str | None = None  # "tcp" or "quic" when direct
     tried: frozenset[str] = frozenset()  # peers that failed for this connection this round
     refused: frozenset[str] = frozenset()  # peers that said no: never asked again
     retry_at: float | None = None  # all candidates failed: start a new round then
@@ -276,11 +277,11 @@ class Link:
     """Everything about reaching one peer: its addresses, connections, dials, punches."""
 
     peer: str
-    direct_addrs: tuple[str, ...] = ()  # dialable transport addresses (no /p2p part)
+    direct_addrs: tuple[str, ...] = ()  # dialable TCP and QUIC addresses (no /p2p part), TCP first
     relays: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (relay ID, relay's addresses) from circuit addresses
     addrs_at: float | None = None  # when the addresses were last learnt
-    direct: int = 0  # live direct TCP connections (tunnel streams ride these)
-    other: int = 0  # live direct connections of other transports (QUIC)
+    direct: int = 0  # live direct TCP connections (tunnel streams ride these first)
+    quic: int = 0  # live direct QUIC connections (tunnel streams ride these when no TCP one is up)
     relayed: Mapping[str, Relayed] = field(default_factory=lambda: EMPTY)  # by relay ID
     relayed_since: float | None = None  # since when a relayed connection has been up
     dial: Dial | None = None
@@ -295,7 +296,16 @@ class Link:
 
     @property
     def connected(self) -> bool:
-        return self.direct > 0 or self.other > 0 or any(r.count > 0 for r in self.relayed.values())
+        return self.direct > 0 or self.quic > 0 or any(r.count > 0 for r in self.relayed.values())
+
+    @property
+    def direct_path(self) -> str | None:
+        """The direct connection a stream should ride: TCP if one is up, else QUIC, else None."""
+        if self.direct > 0:
+            return "tcp"
+        if self.quic > 0:
+            return "quic"
+        return None
 
     @property
     def busy(self) -> bool:

@@ -28,7 +28,7 @@
 //   {"event": "started", "peer_id", "addrs"}
 //   {"event": "connection opened" | "connection closed", "peer", "remote_addr",
 //    "direction", "limited", "relayed"}
-//   {"event": "identified", "peer", "agent", "protocols"}
+//   {"event": "identified", "peer", "agent", "protocols", "listen_addrs", "observed_addr"}
 //   {"event": "addresses", "addrs"}  (ours changed, e.g. a relay reservation added one)
 //   {"event": "reservation", "peer", "addr", "expires", "limit", "renewed"} (relay server)
 //   {"event": "reservation ended", "peer"}
@@ -293,7 +293,9 @@ function watchNode (node) {
     emit('identified', {
       peer: result.peerId.toString(),
       agent: result.agentVersion ?? null,
-      protocols: result.protocols
+      protocols: result.protocols,
+      listen_addrs: (result.listenAddrs ?? []).map((a) => a.toString()),
+      observed_addr: result.observedAddr?.toString() ?? null
     })
   })
   // Our own addresses changed (a relay reservation adds a /p2p-circuit one).

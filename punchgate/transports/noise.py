@@ -1,4 +1,4 @@
-"""Noise transport session that reads in large chunks and writes frames in batches.
+"""The Noise session of a TCP (or relayed) connection: large reads, zero-copy frames, batched writes.
 
 Defects (py-libp2p 0.8.1), all per-message Python and trio overhead, not crypto:
 
@@ -11,24 +11,22 @@ Defects (py-libp2p 0.8.1), all per-message Python and trio overhead, not crypto:
 - ``libp2p/security/noise/io.py`` ``write_msg``: one socket write (and TCP lock)
   per 64 KiB Noise message.
 
-Adjustment: ``NoiseSession`` (a ``SecureSession``) takes over once the handshake
-is done. It ``recv_into``s a persistent 320 KiB buffer as much as the socket
-has, decrypts each message straight from a memoryview of that buffer, keeps the
-plaintexts in a deque with an offset, and can hand a caller a zero-copy view of
-bytes that sit inside one plaintext (``read_exact``). ``write_many`` encrypts a
-batch of plaintexts as one Noise message each and sends them with one write on
-the raw connection, so the TCP stream's lock and error mapping stay in force.
-Encryption and decryption still go through the handshake's own ``noise``
-cipher states, which own the nonces. The wire format is unchanged.
+:class:`NoiseSession` (a ``SecureSession``) takes over once the handshake is done
+(``libp2p/security/noise/patterns.py`` builds it by the module-global name
+``SecureSession``, ~278 and ~365). It ``recv_into``s a persistent buffer as much as
+the socket has, decrypts each message straight from a memoryview of that buffer, keeps
+the plaintexts in a deque with an offset, and hands the Yamux reader zero-copy views of
+bytes that sit inside one plaintext (:meth:`NoiseSession.read_exact`).
+:meth:`NoiseSession.write_many` encrypts a batch of plaintexts in place, one Noise
+message each, and sends them with one write. Encryption and decryption use the
+handshake's own cipher states, which own the nonces; the wire format is unchanged.
 
-Reads and writes use the trio socket under ``RawConnection`` ->
-``TrioTCPStream`` -> ``trio.SocketStream`` directly (mapping errors as
-``TrioTCPStream.read``/``write`` do, without its per-write lock); any other raw
-connection (relay circuits, websockets) is used through its own ``read`` and
-``write``. Only FlowYamux's sender task writes, so a cancel never cuts a
-message in half while the connection lives on. ``libp2p/security/noise/patterns.py`` builds the session by the
-module-global name ``SecureSession`` (~278 and ~365), so ``install()`` binds
-``NoiseSession`` there.
+Only one task writes (the package's rule 3): during muxer negotiation the task that
+negotiates, afterwards the Yamux sender, so no lock guards the nonce order. On plain
+TCP the trio socket under ``RawConnection`` -> ``TrioTCPStream`` is used directly
+(mapping errors as ``TrioTCPStream.read``/``write`` do, without its per-call lock); a
+relayed connection's raw connection (a stream through the relay) through its own
+``read`` and ``write``.
 """
 
 from __future__ import annotations
@@ -44,21 +42,21 @@ from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.security.noise import patterns as noise_patterns
-from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 from libp2p.security.secure_session import SecureSession
 from noise.constants import MAX_NONCE
 from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
-from punchgate.libp2p_fixes._locks import InnerLock
+from punchgate.transports import NOISE_PLAINTEXT, WRITE_BATCH
 
-MAX_PLAINTEXT = MAX_PLAINTEXT_LENGTH  # 65,519 B: 65,535 minus the 16 B tag
+LIBRARY_SESSION = noise_patterns.SecureSession  # what the handshake builds as shipped
+
 _LENGTH = struct.Struct("!H")
 _MAX_MESSAGE = 0xFFFF
+_TAG = 16  # Poly1305
 RECV_SIZE = 256 * 1024
 # Room for one big recv after compaction plus one whole message that straddles it.
 BUFFER_SIZE = RECV_SIZE + _LENGTH.size + _MAX_MESSAGE
-_TAG = 16  # Poly1305
-SEND_BUFFER_SIZE = 8 * (_LENGTH.size + _MAX_MESSAGE)  # one batch of 8 full messages
+SEND_BUFFER_SIZE = WRITE_BATCH * (_LENGTH.size + _MAX_MESSAGE)  # one batch of full messages
 
 
 def _trio_socket_stream(raw: Any) -> trio.SocketStream | None:
@@ -75,9 +73,6 @@ class NoiseSession(SecureSession):
 
     def __init__(self, *, conn: Any, **kwargs: Any) -> None:
         super().__init__(conn=conn, **kwargs)
-        self._fast = isinstance(conn, NoiseTransportReadWriter)
-        if not self._fast:
-            return
         protocol = conn.noise_state.noise_protocol
         self._encryptor = protocol.cipher_state_encrypt
         self._decryptor = protocol.cipher_state_decrypt
@@ -91,15 +86,14 @@ class NoiseSession(SecureSession):
         self._plain: deque[memoryview] = deque()  # decrypted, not yet consumed
         self._plain_offset = 0  # consumed bytes of _plain[0]
         self._plain_size = 0  # unconsumed bytes in _plain
-        self._send_lock = InnerLock()  # always taken inside FlowYamux's write lock
         self._wview = memoryview(bytearray(SEND_BUFFER_SIZE))
-        self._scratch = memoryview(bytearray(MAX_PLAINTEXT))
+        self._scratch = memoryview(bytearray(NOISE_PLAINTEXT))
         # cryptography >= 45 can encrypt into our buffer; older versions allocate.
         self._aead_into = getattr(self._encryptor.cipher.cipher, "encrypt_into", None)
 
     def get_local_address(self) -> tuple[str, int] | None:
-        """Our end of the TCP connection under this session (None for other transports)."""
-        if not self._fast or self._socket is None:
+        """Our end of the TCP connection under this session (None on a relayed one)."""
+        if self._socket is None:
             return None
         return tuple(self._socket.getsockname()[:2])
 
@@ -118,9 +112,7 @@ class NoiseSession(SecureSession):
         except trio.ClosedResourceError:
             return 0  # closed locally: EOF, as TrioTCPStream.read reports it
         except OSError as error:
-            raise ConnectionClosedError(
-                f"TCP connection reset by remote peer: {error}", transport="tcp"
-            ) from error
+            raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
 
     async def _fill(self, need: int) -> None:  # type: ignore[override]  # ours reads; the library's parses
         """Make at least ``need`` unread ciphertext bytes available in the buffer."""
@@ -183,12 +175,10 @@ class NoiseSession(SecureSession):
 
     def plaintext_buffered(self) -> int:
         """Decrypted bytes that a read can return without waiting."""
-        return self._plain_size if self._fast else 0
+        return self._plain_size
 
     async def read_exact(self, n: int) -> memoryview | bytes:
         """Exactly ``n`` bytes (a zero-copy view when possible); raise if the peer closed."""
-        if not self._fast:
-            return await _read_exactly(self, n)
         while self._plain_size < n:
             await self._pull_message()
         return self._consume(n) if n else b""
@@ -196,8 +186,6 @@ class NoiseSession(SecureSession):
     async def read(self, n: int | None = None) -> bytes:
         """``SecureSession.read`` semantics: ``n`` bytes (fewer only at EOF), or
         with ``n=None`` what one message holds."""
-        if not self._fast:
-            return await super().read(n)
         if n == 0:
             return b""
         try:
@@ -216,55 +204,44 @@ class NoiseSession(SecureSession):
     # -- sending -------------------------------------------------------------
 
     async def write_many(self, messages: Iterable[Sequence[bytes | memoryview]]) -> None:
-        """Send each message, given as the buffers that make up its plaintext (at
-        most ``MAX_PLAINTEXT`` bytes in all), as one Noise message; the whole batch
-        goes out in one write on the raw connection."""
-        if not self._fast:
-            for parts in messages:
-                await super().write(b"".join(parts))
-            return
-        async with self._send_lock:  # nonce order must equal wire order
-            out = self._wview
-            used = 0
-            for parts in messages:
-                size = sum(len(part) for part in parts)
-                if not size:
-                    continue  # an empty message reads as EOF to SecureSession
-                if used + _LENGTH.size + size + _TAG > len(out):
-                    await self._send(out[:used])
-                    used = 0
-                if len(parts) == 1:
-                    plaintext = parts[0]
-                else:  # gather header + payload without allocating
-                    offset = 0
-                    for part in parts:
-                        self._scratch[offset : offset + len(part)] = part
-                        offset += len(part)
-                    plaintext = self._scratch[:size]
-                _LENGTH.pack_into(out, used, size + _TAG)
-                used += _LENGTH.size
-                self._seal_into(plaintext, out[used : used + size + _TAG])
-                used += size + _TAG
-            if used:
+        """Send each message, given as the buffers that make up its plaintext (at most
+        ``NOISE_PLAINTEXT`` bytes in all), as one Noise message; the whole batch goes out
+        in one write (more when it exceeds one batch of full messages)."""
+        out = self._wview
+        used = 0
+        for parts in messages:
+            size = sum(len(part) for part in parts)
+            if not size:
+                continue  # an empty message reads as EOF to SecureSession
+            if used + _LENGTH.size + size + _TAG > len(out):
                 await self._send(out[:used])
+                used = 0
+            if len(parts) == 1:
+                plaintext = parts[0]
+            else:  # gather header + payload without allocating
+                offset = 0
+                for part in parts:
+                    self._scratch[offset : offset + len(part)] = part
+                    offset += len(part)
+                plaintext = self._scratch[:size]
+            _LENGTH.pack_into(out, used, size + _TAG)
+            used += _LENGTH.size
+            self._seal_into(plaintext, out[used : used + size + _TAG])
+            used += size + _TAG
+        if used:
+            await self._send(out[:used])
 
     async def _send(self, data: memoryview) -> None:
-        """Write ciphertext to the raw connection; on plain TCP straight to the socket.
-
-        ``TrioTCPStream.write`` takes a ``trio.Lock`` of its own (a scheduler pass)
-        for every write although ``_send_lock`` already makes us the only writer.
-        Its error mapping is kept: a broken connection raises
-        ``ConnectionClosedError``, a locally closed one returns quietly.
-        """
+        """Write ciphertext to the raw connection; on plain TCP straight to the socket
+        (a broken connection raises ``ConnectionClosedError``, a locally closed one
+        returns quietly, as ``TrioTCPStream.write`` does)."""
         if self._socket_stream is None:
             await self._raw.write(data)
             return
         try:
             await self._socket_stream.send_all(data)
         except trio.BrokenResourceError as error:
-            raise ConnectionClosedError(
-                f"TCP connection reset by remote peer: {error}", transport="tcp"
-            ) from error
+            raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
         except trio.ClosedResourceError:
             return
 
@@ -280,23 +257,7 @@ class NoiseSession(SecureSession):
         state.n += 1
 
     async def write(self, data: bytes) -> None:
-        if not self._fast:
-            await super().write(data)
-            return
         view = memoryview(data).cast("B")
         await self.write_many(
-            (view[offset : offset + MAX_PLAINTEXT],)
-            for offset in range(0, len(view), MAX_PLAINTEXT)
+            (view[offset : offset + NOISE_PLAINTEXT],) for offset in range(0, len(view), NOISE_PLAINTEXT)
         )
-
-
-async def _read_exactly(session: SecureSession, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        data += await SecureSession.read(session, n - len(data))
-    return bytes(data)
-
-
-def install() -> None:
-    """Make the Noise handshake hand over to ``NoiseSession``."""
-    noise_patterns.SecureSession = NoiseSession  # type: ignore[misc]  # the rebinding this module exists for

@@ -1,63 +1,61 @@
-"""Yamux connection with go-yamux-like flow control and a lean frame path.
+"""Yamux over one Noise session: one frame per Noise message, credit per half window, one writer.
 
 Defects (py-libp2p 0.8.1, ``libp2p/stream_muxer/yamux/yamux.py``):
 
-- Frame size: DATA frames carry up to 65,524 B (``MAX_MESSAGE_SIZE`` - header,
-  ``YamuxStream.write`` ~246), 5 B more than one Noise message holds (65,519 B,
-  ``libp2p/security/noise/io.py``), so each frame becomes a full Noise message
-  plus a 17 B one.
-- Window: every stream starts with a 256 KiB receive window that autotuning grows
-  only slowly, and ``YamuxStream.read`` (~529, ~581) sends a WINDOW_UPDATE (its
-  own Noise message) for nearly every read.
-- Receive path: ``Yamux.handle_incoming`` (~1186-1693) reads each header and body
-  with ``read_exactly`` (copies) under a ``fail_after`` per body, takes
-  ``streams_lock`` and the stream's ``window_lock`` per frame, formats debug
-  strings per frame, and buffers bodies in a ``bytearray`` from which every read
-  copies again (``read_stream`` ~1107-1160). ``_write_frame`` (~851) unpacks
-  every outgoing header for a debug log and adds a checkpoint.
+- The 5-second reset: ``YamuxStream.write`` (~229-292), when the peer's receive window
+  is used up, polls every 10 ms inside ``move_on_after(5.0)`` and then raises an error
+  surfaced as ``StreamReset``; no RST goes on the wire, so the peer's reader hangs with
+  what it got. Any tunnel whose far-end client stops reading for 5 s is destroyed.
+- Frame size: DATA frames carry up to 65,524 B (``MAX_MESSAGE_SIZE`` - header), 5 B
+  more than one Noise message holds, so each frame becomes a full Noise message plus
+  a 17 B one.
+- Window: every stream starts with a 256 KiB receive window that autotuning grows only
+  slowly, and ``YamuxStream.read`` (~529, ~581) sends a WINDOW_UPDATE (its own Noise
+  message) for nearly every read.
+- Receive path: ``Yamux.handle_incoming`` (~1186-1693) reads each header and body with
+  ``read_exactly`` (copies) under a ``fail_after`` per body, takes ``streams_lock`` and
+  the stream's ``window_lock`` per frame, formats debug strings per frame, and buffers
+  bodies in a ``bytearray`` from which every read copies again.
+- Writers: every writer (the frame reader included, to acknowledge a SYN or answer a
+  ping) takes the connection's write lock and writes itself. Two ends whose writers
+  are stuck in full sockets then stop reading and deadlock (seen with 50 concurrent
+  tunnel connections, about one run in four), and a writer cancelled inside its socket
+  send leaves half a Noise message on the wire, which breaks the connection.
 
-Adjustments, all in ``FlowYamux`` / ``FlowYamuxStream`` (subclasses of the
-library's ``Yamux`` and of our ``BackpressureYamuxStream``):
+:class:`FlowYamux` and :class:`FlowYamuxStream` follow the package's rules
+(``punchgate.transports``):
 
-- DATA payload <= 65,507 B, so header + payload is exactly one Noise message.
-- Each stream announces a 16 MiB receive window when it opens (the SYN or ACK
+- a DATA payload is at most ``FRAME_PAYLOAD`` bytes: header + payload = one Noise message;
+- each stream announces a ``RECEIVE_WINDOW`` window when it opens (the SYN or ACK
   WINDOW_UPDATE carries the delta over the spec's 256 KiB, as go-yamux does) and
-  credits the peer only once half of it has been consumed.
-- One task per connection, the sender, is the only writer of the secure session.
-  Everything else queues frames for it: a stream write queues batches of at most
-  8 frames (~512 KiB), one at a time per stream (the next waits until the sender
-  has written the previous one, which carries back-pressure); control frames
-  (window updates, SYN acknowledgements, ping replies) are queued without
-  waiting. The sender writes what is queued, several batches per call into the
-  secure session (``NoiseSession.write_many``: one socket write per ~512 KiB),
-  in queue order, so streams take turns.
-  This fixes two faults of the library's design, where every writer (the frame
-  reader included) takes the connection's write lock and writes itself:
-  (1) the frame reader blocks on that lock to acknowledge a SYN or answer a
-  ping while a stream writer holds it, stuck in a socket send that waits for the
-  peer to read, whose frame reader waits the same way: both ends stop reading
-  and the connection deadlocks (seen with 50 concurrent tunnel connections,
-  about one run in four); (2) a writer cancelled inside its socket send leaves
-  half a Noise message on the wire, which breaks the connection for every
-  stream. A queued batch is written whole or the connection is torn down; a
-  cancelled waiter only stops waiting.
-- The frame reader dispatches without locks (trio runs it between awaits, which
-  is all the library's locks protected), reads bodies that are already decrypted
-  as zero-copy views (``NoiseSession.read_exact``) and only applies the body
-  timeout when it actually has to wait; received bodies are queued per stream
-  (``ChunkBuffer``) and handed to readers without copying when a read takes a
-  whole body.
-- Inbound streams are capped per connection (``max_inbound_streams``, set per host
+  credits the peer in ``CREDIT_STEP`` steps of bytes read;
+- a writer waits on an event for window space, with no deadline of its own: woken by
+  window updates, the peer's FIN or RST, a local close or reset, the connection's end;
+- one task per connection, the sender, is the only writer of the Noise session. A
+  stream write queues batches of at most ``WRITE_BATCH`` frames, one at a time per
+  stream (the next waits until the sender has written the previous one, which carries
+  back-pressure); control frames are queued without waiting. The sender writes what is
+  queued, several batches per call into the session (``NoiseSession.write_many``: one
+  socket write per batch), in queue order, so streams take turns. A queued batch is
+  written whole or the connection is torn down; a cancelled waiter only stops waiting;
+- the frame reader dispatches without locks (trio runs it between awaits, which is all
+  the library's locks protected), takes bodies that are already decrypted as zero-copy
+  views (``NoiseSession.read_exact``), applies the body timeout only when it has to
+  wait, and queues bodies per stream (:class:`ChunkBuffer`), handed to readers without
+  a copy when a read takes a whole body;
+- inbound streams are capped per connection (``max_inbound_streams``, set per host
   from ``Limits.inbound_streams_per_conn`` by ``libp2p_fixes/inbound.py``): a SYN
   beyond the cap is answered with RST before the stream is registered, as go-yamux
-  does past ``MaxIncomingStreams``. The library accepts any number, each with a
-  task negotiating its protocol for up to 10 s.
-- Error mapping is kept: any failure of the frame reader tears the connection
-  down through the library's ``_cleanup_on_error``, which resets every stream.
+  does past ``MaxIncomingStreams`` (the library accepts any number, each with a task
+  negotiating its protocol for up to 10 s);
+- any failure of the frame reader tears the connection down through the library's
+  ``_cleanup_on_error``, which resets every stream.
 
 The wire protocol is plain Yamux 1.0.0: unpatched peers interoperate.
-``libp2p/stream_muxer/muxer_multistream.py`` builds the muxer by the
-module-global name ``Yamux`` (~143), so ``install()`` binds ``FlowYamux`` there.
+``libp2p/stream_muxer/muxer_multistream.py`` builds the muxer by the module-global name
+``Yamux`` (~143); :func:`yamux_for` is bound there: ``FlowYamux`` over our
+``NoiseSession``, the library's ``Yamux`` over any other session (a host built with
+other security protocols, as some tests do).
 """
 
 from __future__ import annotations
@@ -65,11 +63,11 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from types import TracebackType
 from typing import Any, cast
 
 import trio
 from libp2p.io.exceptions import IOException
-from libp2p.io.utils import read_exactly
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.exceptions import (
     MuxedStreamEOF,
@@ -89,19 +87,18 @@ from libp2p.stream_muxer.yamux.yamux import (
     TYPE_WINDOW_UPDATE,
     YAMUX_HEADER_FORMAT,
     Yamux,
+    YamuxStream,
 )
 
-from punchgate.libp2p_fixes._locks import InnerLock
-from punchgate.libp2p_fixes.noise import MAX_PLAINTEXT
-from punchgate.libp2p_fixes.yamux import BackpressureYamuxStream
+from punchgate.transports import CREDIT_STEP, FRAME_PAYLOAD, RECEIVE_WINDOW, WRITE_BATCH, YAMUX_HEADER
+from punchgate.transports.noise import NoiseSession
+
+LIBRARY_YAMUX = muxer_multistream.Yamux  # what muxer negotiation builds as shipped
 
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
-FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # 65,507: header + payload = one Noise message
-RECEIVE_WINDOW = 16 * 1024 * 1024
-WINDOW_UPDATE_THRESHOLD = RECEIVE_WINDOW // 2
-WRITE_BATCH = 8  # full frames per batch handed to the sender (~512 KiB)
+assert _HEADER.size == HEADER_SIZE == YAMUX_HEADER
 # A write's last few bytes ride in the same batch: a Noise session relayed over a stream
 # writes 8 x 65,537 B at a time, which would otherwise leave a 240 B batch of its own.
 SMALL_TAIL = 4096
@@ -110,6 +107,57 @@ MAX_QUEUED_PING_REPLIES = 4096  # a peer that pings but never reads gets no more
 BODY_READ_TIMEOUT = 60.0  # as the library's default for a DATA body that is slow to arrive
 # Ways the transport reports that the connection is over (logged quietly).
 _CONNECTION_GONE = (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def yamux_for(secured_conn: Any, peer_id: Any, **kwargs: Any) -> Yamux:
+    """The muxer for a negotiated ``/yamux/1.0.0``: ours over our Noise session."""
+    if isinstance(secured_conn, NoiseSession):
+        return FlowYamux(secured_conn, peer_id, **kwargs)
+    return LIBRARY_YAMUX(secured_conn, peer_id, **kwargs)
+
+
+class InnerLock:
+    """``trio.Lock`` semantics, but taking it when free is not a checkpoint (a scheduler
+    pass, ~8 us here). Used only where the same path also reaches an I/O call that
+    yields (the socket send), so other tasks still get their turn once per write."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._lock.release()
+
+
+class _WakesWriter:
+    """A plain instance field whose every assignment wakes a blocked writer. The library's
+    frame handling and ``Yamux.close``/``_cleanup_on_error`` assign ``send_window``,
+    ``closed``, ``send_closed``, ``reset_received`` directly: the only points at which a
+    writer waiting for window space can be told that something changed."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance.__dict__[self.slot]
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.__dict__[self.slot] = value
+        instance._wake_writer()
 
 
 class ChunkBuffer:
@@ -188,13 +236,20 @@ class _Queued:
             raise MuxedStreamError(f"connection lost: {self.failed}")
 
 
-class FlowYamuxStream(BackpressureYamuxStream):
-    """Stream of a ``FlowYamux``: big window, rare updates, batched writes."""
+class FlowYamuxStream(YamuxStream):
+    """Stream of a ``FlowYamux``: big window, credit per half window, batched writes,
+    a writer that waits for window space as long as its caller lets it."""
 
-    max_frame_payload = FRAME_PAYLOAD
+    send_window = _WakesWriter()
+    closed = _WakesWriter()
+    send_closed = _WakesWriter()
+    reset_received = _WakesWriter()
     conn: FlowYamux
 
     def __init__(self, stream_id: int, conn: Any, is_initiator: bool) -> None:
+        # Must exist before the base __init__ assigns the watched fields.
+        self._writer_wakeup = trio.Event()
+        self._writer_lock = InnerLock()  # one write's frames are not interleaved with another's
         super().__init__(stream_id, conn, is_initiator)
         # What we have granted the peer (the spec's 256 KiB + the delta we announce).
         self.recv_window = RECEIVE_WINDOW
@@ -232,6 +287,29 @@ class FlowYamuxStream(BackpressureYamuxStream):
                     frames.append((header, view[sent : sent + size]))
                     sent += size
                 self._in_flight = await conn._send_pipelined(frames)
+
+    def _wake_writer(self) -> None:
+        """Release whoever waits on the current event; later waiters get a new one."""
+        self._writer_wakeup.set()
+        self._writer_wakeup = trio.Event()
+
+    def _check_writable(self) -> None:
+        # The library's messages, hence its NetStream mapping (StreamReset).
+        if self.send_closed:
+            raise MuxedStreamError("Stream is closed for sending")
+        if self.closed:
+            raise MuxedStreamError("Stream is closed")
+        if self.conn.event_shutting_down.is_set():
+            raise MuxedStreamError("Connection is shutting down")
+
+    async def _wait_for_send_window(self) -> None:
+        """Return once the peer granted window space; raise if the stream died."""
+        while True:
+            self._check_writable()
+            if self.send_window > 0:
+                return
+            self._zero_window_waits += 1
+            await self._writer_wakeup.wait()
 
     async def _previous_batch_sent(self) -> None:
         """Wait until our last queued batch is written; raise if it never will be."""
@@ -272,7 +350,7 @@ class FlowYamuxStream(BackpressureYamuxStream):
     def _credit_peer(self, consumed: int) -> None:
         """Grant consumed bytes back to the peer, but only half a window at a time."""
         self._uncredited += consumed
-        if self._uncredited < WINDOW_UPDATE_THRESHOLD or self.recv_closed:
+        if self._uncredited < CREDIT_STEP or self.recv_closed:
             return
         increment, self._uncredited = self._uncredited, 0
         self.recv_window += increment
@@ -283,6 +361,7 @@ class FlowYamux(Yamux):
     """``Yamux`` with our streams, flow control and a lean frame reader."""
 
     stream_class = FlowYamuxStream
+    secured_conn: NoiseSession
     max_inbound_streams = 2048  # streams the peer may have open on this connection at once
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -394,11 +473,7 @@ class FlowYamux(Yamux):
         """Write (header, payload) frames in one secure-session call that makes each
         frame one Noise message. Only the sender calls this (or a writer holding
         ``_write_lock`` before the sender exists)."""
-        write_many = getattr(self.secured_conn, "write_many", None)
-        if write_many is not None:
-            await write_many(frames)
-        else:
-            await self.secured_conn.write(b"".join(b"".join(frame) for frame in frames))
+        await self.secured_conn.write_many(frames)
 
     def _register(self, stream_id: int, is_initiator: bool) -> FlowYamuxStream:
         stream = self.stream_class(stream_id, self, is_initiator)
@@ -437,16 +512,7 @@ class FlowYamux(Yamux):
 
     async def handle_incoming(self) -> None:
         session = self.secured_conn
-        read_exact = getattr(session, "read_exact", None)
-        buffered = getattr(session, "plaintext_buffered", None)
-        if read_exact is None or buffered is None:
-
-            async def read_exact(n: int) -> bytes:
-                return await read_exactly(session, n)
-
-            def buffered() -> int:
-                return 0
-
+        read_exact, buffered = session.read_exact, session.plaintext_buffered
         try:
             while not self.event_shutting_down.is_set():
                 header = await read_exact(HEADER_SIZE)
@@ -542,8 +608,3 @@ class FlowYamux(Yamux):
             sample = trio.current_time() - self._ping_sent_time
             self._rtt = sample if self._rtt == 0.0 else (self._rtt + sample) / 2
             self._ping_event.set()
-
-
-def install() -> None:
-    """Make muxer negotiation build ``FlowYamux`` for ``/yamux/1.0.0``."""
-    muxer_multistream.Yamux = FlowYamux  # type: ignore[misc]  # the rebinding this module exists for

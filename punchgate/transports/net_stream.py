@@ -1,4 +1,4 @@
-"""Stream reads and writes that do not pass a trio lock before the I/O.
+"""Stream reads and writes (TCP and QUIC alike) that do not pass a trio lock before the I/O.
 
 Defect (py-libp2p 0.8.1, ``libp2p/network/stream/net_stream.py``, ``NetStream.read``
 ~196-207 and ``NetStream.write`` ~259-268): every call first does
@@ -20,8 +20,8 @@ Failures map to the same exceptions and state changes as in the library
 RESET, anything unexpected -> ``StreamError`` and ERROR), taking the lock there.
 
 ``libp2p/network/connection/swarm_connection.py`` builds its streams by the
-module-global name ``NetStream`` (``SwarmConn._add_stream`` ~318), so
-``install()`` binds ``LeanNetStream`` there.
+module-global name ``NetStream`` (``SwarmConn._add_stream`` ~318), where
+``punchgate.transports.adjusted`` binds ``LeanNetStream``.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from libp2p.stream_muxer.exceptions import (
     MuxedStreamError,
     MuxedStreamReset,
 )
-from libp2p.transport.quic.exceptions import QUICStreamClosedError, QUICStreamResetError
 
-_RESET_ON_READ = (MuxedStreamReset, QUICStreamClosedError, QUICStreamResetError)
-_CLOSED_ON_WRITE = (MuxedStreamClosed, QUICStreamClosedError, QUICStreamResetError)
+LIBRARY_NET_STREAM = swarm_connection.NetStream  # what connections build as shipped
+
+_RESET_ON_READ = (MuxedStreamReset,)
+_CLOSED_ON_WRITE = (MuxedStreamClosed,)
 _RESET_ON_WRITE = (MuxedStreamReset, MuxedStreamError)
 # Raised as they are (the library's lists): anything else marks the stream ERROR.
 _KNOWN_ON_READ = (MuxedStreamEOF, *_RESET_ON_READ, StreamEOF, StreamReset, StreamClosed, ValueError)
@@ -102,7 +103,3 @@ class LeanNetStream(NetStream):
                 self._state = StreamState.ERROR
             raise StreamError(f"Write operation failed: {error}") from error
 
-
-def install() -> None:
-    """Make every swarm connection wrap its streams in ``LeanNetStream``."""
-    swarm_connection.NetStream = LeanNetStream  # type: ignore[misc]  # the rebinding this module exists for
