@@ -250,3 +250,55 @@ async def test_a_peer_gone_without_goodbye_ends_the_connection_within_seconds(mo
             assert client_conn.is_closed and "unreachable" in (client_conn.error or ""), client_conn.error
             assert took < quic_connection.KEEP_ALIVE + 2, took
             nursery.cancel_scope.cancel()
+
+
+# -- inbound caps: the host's limits, shared with TCP -------------------------------------
+
+
+async def test_inbound_caps_refuse_a_peer_over_its_count_until_a_slot_frees():
+    """With room for one connection per IP, a second dial from the same IP gets no
+    connection (its Initial packets are dropped) until the first one closes; then a
+    dial succeeds again. A peer that starts a handshake and stops is ended at the
+    deadline, and its slot comes back."""
+    from punchgate.limits import ConnectionAdmission
+
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            pair = Pair(nursery)
+            admission = ConnectionAdmission(total=10, per_ip=1)
+            pair.server.admission = admission
+            pair.server.handshake_timeout = 1.0
+            client_conn, server_conn = await pair.connect()
+            assert admission.by_ip == {"127.0.0.1": 1}
+            second = QuicTransport(create_new_key_pair().private_key)
+            second.set_background_nursery(nursery)
+            target = pair.listener.get_addrs()[0].encapsulate(multiaddr.Multiaddr(f"/p2p/{pair.server_id()}"))
+            with trio.move_on_after(1.5) as waited:
+                await second.dial(target)
+            assert waited.cancelled_caught, "a dial over the per-IP cap got a connection"
+            endpoint = pair.listener.endpoint
+            assert endpoint.refused > 0
+            await client_conn.close()
+            with trio.fail_after(10):
+                while admission.by_ip:  # the server's side drains, then frees the slot
+                    await trio.sleep(0.05)
+            third = await second.dial(target)
+            assert third.established and (await pair.incoming.receive()).established
+
+            # A handshake that never finishes: one Initial packet, then silence.
+            await third.close()
+            with trio.fail_after(10):
+                while admission.by_ip:
+                    await trio.sleep(0.05)
+            engine = quic_connection.Engine(configuration=pair.client.make_configuration(True))
+            engine.connect(endpoint.local_address, now=trio.current_time())
+            with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as ghost:
+                await ghost.bind(("127.0.0.1", 0))  # open, never read: no ICMP tells the server
+                for data, _ in engine.datagrams_to_send(now=trio.current_time()):
+                    await ghost.sendto(data, endpoint.local_address)
+                with trio.fail_after(10):
+                    while endpoint.timed_out == 0:
+                        await trio.sleep(0.05)
+                    while admission.by_ip:
+                        await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()

@@ -19,7 +19,9 @@ Decisions:
   connections arrive already secured and never pass there, so a node with a key
   neither listens on QUIC nor dials it (:func:`listen_addrs_for`), and says so once.
 * **Inbound connections are admitted by us** (``libp2p_fixes/inbound.py``): caps in total
-  and per IP, a handshake deadline, slots released when a connection closes.
+  and per IP, a handshake deadline, slots released when a connection closes. QUIC
+  connections take a slot of the same counts at the peer's first Initial packet
+  (``transports/quic/endpoint.py``: over a cap the packet is dropped).
 * **Our dials are single attempts.** The swarm retries a failed dial three times on its
   own and, once every address of a peer failed, refuses to dial it again for 60 s (a
   negative cache). When to try again is the state machine's decision, so the swarm's
@@ -135,7 +137,11 @@ def build_host(
     limits = limits or Limits()
     # Our gate's deadline is the one that counts; the library's own (inside it) is later.
     host.get_network().connection_config.inbound_upgrade_timeout = limits.handshake_timeout + 1  # type: ignore[attr-defined]
-    guard_inbound(host, limits)
+    gate = guard_inbound(host, limits)
+    quic = quic_transport(host)
+    if quic is not None:  # QUIC connections count against the same caps and deadline
+        quic.admission = gate.admission
+        quic.handshake_timeout = limits.handshake_timeout
     if network_key is not None:
         protect_host(host, network_key)
     return host

@@ -41,6 +41,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
+from punchgate.limits import ConnectionAdmission
 from punchgate.transports.quic.connection import Engine, QuicConn
 
 QUIC_V1 = 0x00000001
@@ -110,6 +111,14 @@ class Endpoint:
         self._dirty: list[QuicConn] = []
         self.closed = False
         self.dropped_sends = 0
+        # Inbound caps (set by the transport from the host's limits): the same counts as
+        # TCP's inbound gate, in total and per IP, taken by a peer's first Initial packet
+        # and released when its connection ends; a handshake not done in time is ended.
+        self.admission: ConnectionAdmission | None = None
+        self.handshake_timeout = 10.0
+        self._admitted: dict[QuicConn, str] = {}
+        self.refused = 0  # Initial packets dropped for being over a cap
+        self.timed_out = 0  # inbound handshakes ended at the deadline
 
     @property
     def listening(self) -> bool:
@@ -173,6 +182,9 @@ class Endpoint:
 
     def connection_ended(self, conn: QuicConn) -> None:
         self._connections.discard(conn)
+        ip = self._admitted.pop(conn, None)
+        if ip is not None and self.admission is not None:
+            self.admission.release(ip)
         for cid in [cid for cid, owner in self._routes.items() if owner is conn]:
             del self._routes[cid]
 
@@ -230,12 +242,27 @@ class Endpoint:
     def _new_connection(self, data: bytes, addr: tuple[Any, ...]) -> QuicConn | None:
         if self._accept is None or len(data) < 1200 or not _is_initial_v1(data):
             return None
+        ip = str(addr[0])
+        if self.admission is not None and self.admission.admit(ip) is not None:
+            self.refused += 1  # dropped: the peer's retransmissions ask again
+            return None
         original = _destination_cid(data)
         engine = Engine(configuration=self._make_configuration(False), original_destination_connection_id=original)
         conn = QuicConn(self, engine, addr, is_initiator=False, expected_peer=None)
         conn.on_established = self._established
+        if self.admission is not None:
+            self._admitted[conn] = ip
         self._adopt(conn, [original, engine.host_cid])
+        assert self._nursery is not None
+        self._nursery.start_soon(self._handshake_deadline, conn)
         return conn
+
+    async def _handshake_deadline(self, conn: QuicConn) -> None:
+        with trio.move_on_after(self.handshake_timeout):
+            await conn.handshake_done.wait()
+            return
+        self.timed_out += 1
+        conn.close_now("no handshake in time")
 
     def _established(self, conn: QuicConn) -> None:
         if self._accept is not None and self._nursery is not None and not self.closed:

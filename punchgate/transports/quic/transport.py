@@ -22,6 +22,7 @@ from libp2p.custom_types import THandler
 from libp2p.peer.id import ID
 from libp2p.transport.exceptions import OpenConnectionError
 
+from punchgate.limits import ConnectionAdmission
 from punchgate.transports.quic.certificate import make_certificate
 from punchgate.transports.quic.connection import QuicConn, configuration, quic_multiaddr
 from punchgate.transports.quic.endpoint import Endpoint, family_of, udp_socket
@@ -53,6 +54,9 @@ class QuicTransport(ITransport):
         self._dialers: dict[int, Endpoint] = {}  # by address family
         self._nursery: trio.Nursery | None = None
         self.swarm: Any = None
+        # Inbound caps for every listener (host.build_host shares TCP's): None admits all.
+        self.admission: ConnectionAdmission | None = None
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
 
     # -- wiring by the swarm -------------------------------------------------------
 
@@ -179,6 +183,8 @@ class QuicListener(IListener):
         except OSError as exc:
             raise OpenConnectionError(f"cannot listen on {maddr}: {exc.strerror or exc}") from exc
         self.endpoint = Endpoint(sock, self.transport.make_configuration, accept=self._accepted)
+        self.endpoint.admission = self.transport.admission
+        self.endpoint.handshake_timeout = self.transport.handshake_timeout
         await nursery.start(self.endpoint.run)
 
     async def _accepted(self, conn: QuicConn) -> None:
