@@ -125,3 +125,18 @@ async def test_the_hole_punch_spray_leaves_from_the_quic_listener_and_ends_by_it
     assert sources["ours"] == {listen_port}, (sources, listen_port)
     assert still_spraying.cancelled_caught  # the library's would have gone on
     assert sources["shipped"] and listen_port not in sources["shipped"], (sources, listen_port)
+
+
+async def test_a_punch_towards_a_peer_the_peerstore_does_not_know_fails_cleanly():
+    """A peer reached through ``/p2p-circuit/p2p/PEER`` (our own relay, no record of it
+    yet) is not in the peerstore: clearing its direct addresses before the punch must not
+    raise (it did: PeerStoreError, and the punch ended at once in a relayed tunnel)."""
+    from libp2p.peer.id import ID
+
+    from punchgate.libp2p_fixes.dcutr import BoundedDCUtR
+
+    stranger = ID.from_pubkey(create_new_key_pair().public_key)
+    host = build_host(create_new_key_pair(), [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
+    with trio.fail_after(20):
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            assert await BoundedDCUtR(host).initiate_hole_punch(stranger) is False

@@ -66,6 +66,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from multiaddr import Multiaddr
 
@@ -108,7 +109,10 @@ class BoundedDCUtR(DCUtRProtocol):
         self._hole_punch_attempts.pop(peer_id, None)  # we decide when to try again
         self._direct_connections.discard(peer_id)  # whether one exists, the swarm says
         peerstore = self.host.get_peerstore()
-        keep = [a for a in peerstore.addrs(peer_id) if "/p2p-circuit" in str(a)]
+        try:
+            keep = [a for a in peerstore.addrs(peer_id) if "/p2p-circuit" in str(a)]
+        except PeerStoreError:  # a peer known only by its relayed connection: nothing to forget
+            keep = []
         peerstore.clear_addrs(peer_id)
         if keep:
             peerstore.add_addrs(peer_id, keep, KEPT_ADDRS_TTL)
