@@ -333,6 +333,11 @@ def _on_connection_closed(state: NodeState, event: ev.ConnectionClosed, now: flo
         assert link.punch.attempt is not None
         commands.append(Cancel(link.punch.attempt))
         link = replace(link, punch=Punch())
+    if not link.connected and link.punch.status is PunchStatus.FAILED:
+        # Every connection is gone: the peer stopped, moved or restarted, and a punch that
+        # failed against it says nothing of its next instance (a new process, a new NAT
+        # mapping): the next relayed connection may punch at once.
+        link = replace(link, punch=Punch())
     state = _store_link(state, link)
     if link.connected:
         return state, commands
