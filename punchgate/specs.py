@@ -198,7 +198,10 @@ def parse_bootstrap_addr(text: str) -> multiaddr.Multiaddr:
 
 def transport_of(addr: multiaddr.Multiaddr) -> str | None:
     """The transport ('tcp' or 'quic') of a plain IP address, ignoring a trailing /p2p."""
-    names = [p.name for p in addr.protocols()]
+    try:
+        names = [p.name for p in addr.protocols()]
+    except Exception:  # bytes from a peer the library accepted but cannot read back
+        return None
     if names and names[-1] == "p2p":
         names = names[:-1]
     return _transport_of(names)
@@ -216,7 +219,10 @@ def parse_interval(text: str) -> float:
 
 def without_peer_id(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
     """``addr`` without a trailing ``/p2p/<id>`` (an inner one, as in a circuit, stays)."""
-    names = [p.name for p in addr.protocols()]
+    try:
+        names = [p.name for p in addr.protocols()]
+    except Exception:  # bytes from a peer the library accepted but cannot read back
+        return addr
     if names and names[-1] == "p2p":
         text = str(addr)
         return multiaddr.Multiaddr(text[: text.rindex("/p2p/")])
