@@ -13,7 +13,6 @@ reach the service (the reason on stderr) or the connection broke; 2 for bad usag
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
@@ -22,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from punchgate.control_client import NodeNotRunning, exchange
 from punchgate.specs import SpecError, parse_peer_id, parse_service_name
 
 ANSWER_TIMEOUT = 300.0  # the node answers within its --connect-timeout; this only bounds a hung node
@@ -45,38 +45,12 @@ def open_session(path: Path, service: str, peer: str | None, timeout: float = AN
     """Ask the node at ``path`` for a session; return the connected socket, bytes of the
     session that came with the answer, and the answer."""
     try:
-        present = path.exists()
-    except PermissionError:
-        present = True  # let connect() say it
-    if not present:
-        raise ConnectError(f"no punchgate node is running (no control socket at {path}); start one first")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock, answer, rest = exchange(
+            path, {"op": "connect", "service": service, "peer": peer}, timeout, max_answer=MAX_ANSWER
+        )
+    except NodeNotRunning as exc:
+        raise ConnectError(str(exc)) from None
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-            sock.sendall(json.dumps({"op": "connect", "service": service, "peer": peer}).encode() + b"\n")
-            data = bytearray()
-            while b"\n" not in data:
-                chunk = sock.recv(MAX_ANSWER)
-                if not chunk:
-                    break
-                data += chunk
-                if len(data) > MAX_ANSWER and b"\n" not in data:
-                    break
-        except ConnectionRefusedError:
-            raise ConnectError(f"no punchgate node is running (stale control socket at {path})") from None
-        except PermissionError:
-            raise ConnectError(f"cannot open the control socket {path}: permission denied (another user's node?)") from None
-        except TimeoutError:
-            raise ConnectError(f"the node at {path} did not answer within {timeout:.0f} s") from None
-        except OSError as exc:
-            raise ConnectError(f"cannot reach the node at {path}: {exc.strerror or exc}") from None
-        line, newline, rest = bytes(data).partition(b"\n")
-        try:
-            answer = json.loads(line) if newline else None
-        except json.JSONDecodeError:
-            answer = None
         if not isinstance(answer, dict):
             raise ConnectError(f"the node at {path} sent no readable answer (is it an older punchgate?)")
         if "error" in answer:

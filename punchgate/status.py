@@ -8,8 +8,6 @@ it in the node.
 from __future__ import annotations
 
 import io
-import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,45 +15,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from punchgate.control_client import NodeNotRunning, exchange
+
+__all__ = ["NodeNotRunning", "print_status", "query"]
+
 QUERY_TIMEOUT = 5.0
-MAX_ANSWER = 4 << 20
-
-
-class NodeNotRunning(Exception):
-    """No node answers on the control socket; ``str()`` is the line for the user."""
 
 
 def query(path: Path, op: str = "status", timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
     """Send ``{"op": op}`` to the node at ``path``; return its answer (a dict)."""
-    try:
-        present = path.exists()
-    except PermissionError:
-        raise NodeNotRunning(f"cannot open the control socket {path}: permission denied (another user's node?)") from None
-    if not present:
-        raise NodeNotRunning(f"no punchgate node is running (no control socket at {path})")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-            sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-            data = bytearray()
-            while b"\n" not in data and len(data) < MAX_ANSWER:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except ConnectionRefusedError:
-            raise NodeNotRunning(f"no punchgate node is running (stale control socket at {path})") from None
-        except PermissionError:
-            raise NodeNotRunning(f"cannot open the control socket {path}: permission denied (another user's node?)") from None
-        except TimeoutError:
-            raise NodeNotRunning(f"the node at {path} did not answer within {timeout:.0f} s") from None
-        except OSError as exc:
-            raise NodeNotRunning(f"cannot reach the node at {path}: {exc.strerror or exc}") from None
-    try:
-        answer = json.loads(bytes(data).split(b"\n", 1)[0])
-    except json.JSONDecodeError:
-        raise NodeNotRunning(f"the node at {path} sent an unreadable answer") from None
+    sock, answer, _ = exchange(path, {"op": op}, timeout)
+    sock.close()
     if not isinstance(answer, dict):
         raise NodeNotRunning(f"the node at {path} sent an unreadable answer")
     return answer
