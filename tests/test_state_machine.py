@@ -246,6 +246,38 @@ def test_on_an_unlimited_relay_a_session_waits_for_a_punch_at_most_a_moment():
     assert PUNCH_WAIT - 0.1 <= run.now - start <= PUNCH_WAIT + 0.1  # the punch got its moment, no more
 
 
+def test_a_failed_punch_holds_back_the_next_one_unless_the_peer_went_away_in_between():
+    """A punch that failed is not tried again for PUNCH_RETRY_AFTER, but a peer whose
+    every connection ended (it stopped or restarted: a new process, a new NAT mapping)
+    is punched again as soon as a session reaches it through the relay."""
+
+    def punched_then_failed(run) -> None:
+        run(ev.SessionStarted(1, "x", PROVIDER))
+        dial = run.last(cmd.DialRelayed)
+        run(ev.ConnectionOpened(PROVIDER, "relay", "boot1"), 0.05)
+        run(ev.DialSucceeded(PROVIDER, dial.attempt, "boot1", BIG))
+        punch = run.one(cmd.HolePunch)
+        run(ev.PunchFinished(PROVIDER, punch.attempt, False, "DCUtR gave up"), 0.1)
+        assert run.state.link(PROVIDER).punch.status is PunchStatus.FAILED
+
+    def second_session_punches(run) -> bool:
+        run(ev.SessionStarted(2, "x", PROVIDER), 1)
+        for dial in [c for c in run.log if isinstance(c, cmd.DialRelayed)][1:]:
+            run(ev.ConnectionOpened(PROVIDER, "relay", "boot1"), 0.05)
+            run(ev.DialSucceeded(PROVIDER, dial.attempt, "boot1", BIG))
+        return sum(isinstance(c, cmd.HolePunch) for c in run.log) == 2
+
+    still_there = joined()
+    punched_then_failed(still_there)
+    assert not second_session_punches(still_there)
+
+    restarted = joined()
+    punched_then_failed(restarted)
+    restarted(ev.ConnectionClosed(PROVIDER, "relay", "boot1"), 0.5)  # the peer stopped
+    assert restarted.state.link(PROVIDER).punch.status is PunchStatus.IDLE
+    assert second_session_punches(restarted)
+
+
 def test_a_limited_relay_never_carries_a_tunnel_and_the_session_is_closed_naming_the_limit():
     run = joined()
     check = run.one(cmd.CheckReachability)
