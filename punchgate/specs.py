@@ -200,7 +200,7 @@ def transport_of(addr: multiaddr.Multiaddr) -> str | None:
     """The transport ('tcp' or 'quic') of a plain IP address, ignoring a trailing /p2p."""
     try:
         names = [p.name for p in addr.protocols()]
-    except Exception:  # bytes from a peer the library accepted but cannot read back
+    except MultiaddrError:  # bytes from a peer the library accepted but cannot read back
         return None
     if names and names[-1] == "p2p":
         names = names[:-1]
@@ -221,7 +221,7 @@ def without_peer_id(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
     """``addr`` without a trailing ``/p2p/<id>`` (an inner one, as in a circuit, stays)."""
     try:
         names = [p.name for p in addr.protocols()]
-    except Exception:  # bytes from a peer the library accepted but cannot read back
+    except MultiaddrError:  # bytes from a peer the library accepted but cannot read back
         return addr
     if names and names[-1] == "p2p":
         text = str(addr)
