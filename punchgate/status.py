@@ -104,6 +104,9 @@ def render(status: dict[str, Any], console: Console, service: dict[str, Any] | N
         node.add_row("port mapping", f"{_value(mapping.get('status'))} {_value(mapping.get('method'))}: {where} ({checked})")
     node.add_row("listening", "\n".join(status.get("listen_addrs") or []) or "-")
     node.add_row("advertised", "\n".join(status.get("advertised_addrs") or []) or "-")
+    refused = status.get("refused")
+    if refused:  # absent on older nodes
+        node.add_row("refused", ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in refused.items()))
     console.print(node)
 
     relays = _table("Relay reservations", ["relay", "status", "expires in", "limit per circuit"])

@@ -23,7 +23,7 @@ from punchgate.status import render_text
 TEST_TIMEOUT = 60
 STATUS_FIELDS = {
     "peer_id", "version", "uptime_s", "phase", "nat", "listen_addrs", "advertised_addrs",
-    "relays", "peers", "services", "tunnels",
+    "relays", "peers", "services", "tunnels", "refused",
 }
 
 
@@ -135,6 +135,33 @@ async def test_status_of_nodes_with_a_tunnel_json_and_table(sock_dir):
             nursery.cancel_scope.cancel()
     # A node that stops removes its socket.
     assert not client_sock.exists() and not provider_sock.exists()
+
+
+async def test_status_counts_what_the_node_refused(sock_dir):
+    """A tunnel to a name the provider does not expose is refused: the provider's status
+    counts it (JSON and table), next to the other kinds of refusal, all still zero."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            provider = await start_node(nursery, control_socket=sock_dir / "p" / "control.sock")
+            port = free_port()
+            await start_node(
+                nursery,
+                control_socket=sock_dir / "c" / "control.sock",
+                bootstrap=(address_of(provider),),
+                tunnels=(TunnelSpec(str(provider.peer_id), "nope", HostPort("127.0.0.1", port)),),
+            )
+            assert provider.status()["refused"]["tunnel_streams"] == 0
+            local = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await local.receive_some(1024) == b""  # refused: the local connection is closed
+            await local.aclose()
+            refused = provider.status()["refused"]
+            assert refused == {
+                "inbound_connections": 0, "handshakes_timed_out": 0, "tunnel_streams": 1, "relay_reservations": 0,
+            }
+            assert "refused     inbound connections 0, handshakes timed out 0, tunnel streams 1" in render_text(
+                provider.status()
+            )
+            nursery.cancel_scope.cancel()
 
 
 async def test_bad_requests_get_errors_and_the_node_keeps_answering(sock_dir, monkeypatch):

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from punchgate import __version__
-from punchgate.runtime.host import connection_transport
+from punchgate.runtime.host import connection_transport, quic_transport
 
 if TYPE_CHECKING:
     from punchgate.runtime.node import Node
@@ -37,6 +37,24 @@ def node_status(node: Node) -> dict[str, Any]:
         "peers": _peers(node),
         "services": _services(node),
         "tunnels": _tunnels(node),
+        "refused": _refused(node),
+    }
+
+
+def _refused(node: Node) -> dict[str, int]:
+    """What the limits and the access rules turned away since start (the log says why,
+    at most once per 10 s per kind)."""
+    gate = getattr(node.host.get_network(), "inbound_gate", None)
+    quic = quic_transport(node.host)
+    return {
+        # connections closed at accept over a cap (TCP), plus QUIC Initial packets dropped over one
+        "inbound_connections": (gate.refused if gate is not None else 0)
+        + (sum(e.refused for e in quic.endpoints()) if quic is not None else 0),
+        # connections whose handshake missed its deadline, TCP and QUIC
+        "handshakes_timed_out": (gate.timed_out if gate is not None else 0)
+        + (sum(e.timed_out for e in quic.endpoints()) if quic is not None else 0),
+        "tunnel_streams": node.service.refused,  # not allowed, unknown name, over a limit, bad request
+        "relay_reservations": node.relays.protocol.refused_reservations,
     }
 
 
